@@ -1,0 +1,212 @@
+"""launcher run | plan | ls | export.
+
+Every check of the user's input (config, overrides, recipe contract, batch sizes,
+optional dependencies, the run directory) runs here, once, before any worker.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+from .config import Config, ConfigError, load_config
+
+EPILOG = """\
+commands:
+  launcher run CONFIG [key=value ...]             train (one process, or the workers of torchrun / srun)
+  launcher run CONFIG --nproc 2 strategy=ddp      spawn 2 local workers through torch.distributed.run
+  torchrun --nproc_per_node 2 -m launcher run CONFIG
+  launcher plan CONFIG --nproc 8                  resolved config, batch math and memory, no training
+  launcher ls                                     the recipes and configs that ship
+  launcher export RUN_DIR [--step N] OUT.safetensors
+
+Overrides are dotted key=value pairs after the config, parsed as YAML scalars:
+optim.lr=3e-4 recipe.hidden=256 train.max_steps=100.
+Exit codes: 0 done, 1 training failed, 2 bad input, 3 stopped by SIGTERM/SIGUSR1
+after saving a checkpoint (run the same command again to resume).
+"""
+
+
+def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    p = argparse.ArgumentParser(prog="launcher", description="Train a PyTorch recipe on one CPU, "
+                                "a workstation's GPUs or a SLURM cluster.", epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{run,plan,ls,export}")
+
+    run = sub.add_parser("run", help="train a config", description="Train CONFIG with optional key=value overrides.",
+                         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(run)
+    run.add_argument("--nproc", type=int, default=None, help="spawn this many local workers (torch.distributed.run)")
+    run.add_argument("--nnodes", type=int, default=1, help="nodes taking part (with --nproc and --rdzv-endpoint)")
+    run.add_argument("--node-rank", type=int, default=None, help="this node's rank among --nnodes")
+    run.add_argument("--rdzv-endpoint", default=None, help="host:port every node meets at (multi-node)")
+    run.add_argument("--max-restarts", type=int, default=0,
+                     help="restart the worker group this often after a failure; it resumes from the latest checkpoint")
+
+    plan = sub.add_parser("plan", help="print the resolved config, batch math and memory per rank")
+    add_config_args(plan)
+    plan.add_argument("--nproc", type=int, default=1, help="world size to plan for")
+
+    sub.add_parser("ls", help="list the recipes and configs that ship")
+
+    export = sub.add_parser("export", help="write one consolidated safetensors file from a checkpoint")
+    export.add_argument("run_dir")
+    export.add_argument("out", help="the .safetensors file to write")
+    export.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    return p, sub.choices
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=3e-4")
+
+
+def main(argv: list[str] | None = None) -> int:
+    top, commands = parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in commands:
+        # Options may come after the overrides (`run cfg.yaml a=1 --nproc 2`), which
+        # argparse's intermixed parsing allows only on the sub-parser itself.
+        args = commands[argv[0]].parse_intermixed_args(argv[1:])
+        args.command = argv[0]
+    else:
+        args = top.parse_args(argv)
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "plan":
+            return cmd_plan(args)
+        if args.command == "ls":
+            return cmd_ls()
+        if args.command == "export":
+            return cmd_export(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# ---------------------------------------------------------------- run
+
+
+def check_inputs(cfg: Config, world_size: int, origin: str):
+    """Everything about the input that can be wrong, checked once in the launching process."""
+    from .recipe import Recipe
+    from .strategies import resolve_name
+    from .trainer import batch_plan
+
+    recipe = Recipe.load(cfg.recipe, origin)
+    batch_plan(cfg, world_size)
+    strategy = resolve_name(cfg.strategy, world_size)
+    if strategy == "single" and world_size > 1:
+        raise ConfigError(f"strategy=single cannot run on {world_size} processes: use ddp, fsdp or deepspeed (or auto)")
+    needs = {"deepspeed": strategy == "deepspeed", "wandb": bool(cfg.log.wandb.project),
+             "tensorboard": cfg.log.tensorboard}
+    for module, needed in needs.items():
+        if needed and importlib.util.find_spec(module) is None:
+            raise ConfigError(f"{module} is not installed, but the config asks for it: "
+                              f"pip install 'launcher[{module}]' (or pip install {module})")
+    if cfg.deepspeed.config and strategy == "deepspeed" and not Path(cfg.deepspeed.config).is_file():
+        raise ConfigError(f"deepspeed.config={cfg.deepspeed.config}: no such file")
+    check_writable(Path(cfg.run_dir))
+    return recipe
+
+
+def check_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write_test_{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"run_dir={run_dir} cannot be written ({e.strerror}): choose another run_dir=... "
+                          "or fix its permissions") from None
+
+
+def cmd_run(args) -> int:
+    from . import env as env_mod
+
+    cfg = load_config(args.config, args.overrides)
+    env = env_mod.detect()
+    if args.nproc is not None and env.distributed:
+        raise ConfigError("--nproc inside an already launched worker (torchrun / srun set RANK or SLURM_PROCID): "
+                          "drop --nproc, the outer launcher already starts the workers")
+    world = args.nproc * args.nnodes if args.nproc else env.world_size
+    if args.nproc is not None and args.nproc < 1:
+        raise ConfigError("--nproc must be at least 1")
+    check_inputs(cfg, world, args.config)
+    if args.nproc:
+        from .spawn import spawn
+
+        return spawn([args.config, *args.overrides], nproc=args.nproc, nnodes=args.nnodes,
+                     node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint, max_restarts=args.max_restarts)
+    return run_worker(cfg, env)
+
+
+def run_worker(cfg: Config, env) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    from . import env as env_mod
+    from .trainer import STOPPED_BY_SIGNAL, Stopped, train
+
+    device = env_mod.device_for(env)
+    env_mod.init_process_group(env, device, cfg.dist.timeout_s)
+
+    @record  # under torchrun: the failing rank's traceback goes into the launcher's summary
+    def work():
+        train(cfg, env, device)
+
+    try:
+        work()
+    except Stopped:
+        if env.is_main:
+            print(f"stopped by a signal; checkpoint saved in {cfg.run_dir}/checkpoints. Run the same command to resume.",
+                  file=sys.stderr)
+        env_mod.destroy_process_group()
+        return STOPPED_BY_SIGNAL
+    env_mod.destroy_process_group()
+    return 0
+
+
+# ---------------------------------------------------------------- plan, ls, export
+
+
+def cmd_plan(args) -> int:
+    import yaml
+
+    from .plan import describe
+
+    cfg = load_config(args.config, args.overrides)
+    recipe = check_inputs(cfg, args.nproc, args.config)
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    print(describe(cfg, recipe, args.nproc))
+    return 0
+
+
+def cmd_ls() -> int:
+    import ast
+
+    root = Path(__file__).resolve().parent.parent
+    recipes = sorted((root / "recipes").glob("*.py"))
+    print("recipes:")
+    for path in recipes:
+        if path.name != "__init__.py":
+            doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+            print(f"  recipes.{path.stem:<20} {doc.splitlines()[0] if doc else ''}")
+    print("configs:")
+    for base in dict.fromkeys([Path.cwd() / "configs", root / "configs"]):
+        for path in sorted(base.glob("*.yaml")):
+            first = path.read_text().splitlines()[:1]
+            desc = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
+            print(f"  {os.path.relpath(path):<30} {desc}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export
+
+    path = export(Path(args.run_dir), Path(args.out), args.step)
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,269 @@
+"""The config schema, YAML loading, dotted overrides and the messages for bad input.
+
+Each section is a pydantic model that forbids unknown keys, so a typo is an error
+that names the key, where it came from and the closest valid key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+
+class ConfigError(Exception):
+    """Bad input from the user: reported in one paragraph, exit code 2, no traceback."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class TrainConfig(Section):
+    global_batch_size: int = Field(64, gt=0)
+    micro_batch_size: Optional[int] = Field(None, gt=0)  # per device; default: global / world
+    epochs: Optional[int] = Field(1, gt=0)
+    max_steps: Optional[int] = Field(None, gt=0)  # stops earlier than `epochs` when set
+    grad_clip: Optional[float] = Field(None, gt=0)
+    seed: int = 0
+    log_every_steps: int = Field(10, gt=0)
+    eval_every_steps: Optional[int] = Field(None, gt=0)  # None: only at the end
+    eval_batch_size: Optional[int] = Field(None, gt=0)  # per device; default: micro batch
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf gradient stops the run, or the step is skipped
+
+
+class OptimConfig(Section):
+    name: Literal["sgd", "adam", "adamw"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0)  # sgd only
+    betas: tuple[float, float] = (0.9, 0.999)  # adam / adamw
+    eps: float = Field(1e-8, gt=0)
+
+
+class ScheduleConfig(Section):
+    warmup_steps: int = Field(0, ge=0)
+    decay: Literal["constant", "linear", "cosine"] = "constant"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)  # floor of linear / cosine decay, as a fraction of lr
+
+
+class DataConfig(Section):
+    num_workers: int = Field(0, ge=0)
+    shuffle: bool = True
+    # The last len(train) % global_batch_size samples of each epoch's permutation:
+    # "drop" leaves them out (they differ every epoch), "wrap" fills the last step
+    # with samples from the start of the permutation so every sample is seen.
+    tail: Literal["drop", "wrap"] = "drop"
+
+
+class CheckpointConfig(Section):
+    every_steps: Optional[int] = Field(None, gt=0)
+    keep_last: int = Field(3, gt=0)
+    resume: str = "auto"  # auto | never | a checkpoint directory
+    async_save: bool = Field(False, alias="async")
+
+
+class WandbConfig(Section):
+    project: Optional[str] = None  # None: W&B off
+    mode: Literal["online", "offline", "disabled"] = "offline"
+    name: Optional[str] = None
+    entity: Optional[str] = None
+
+
+class LogConfig(Section):
+    wandb: WandbConfig = WandbConfig()
+    tensorboard: bool = False
+    progress: Literal["auto", "bar", "lines"] = "auto"  # auto: a bar on a terminal, lines otherwise
+
+
+class FSDPConfig(Section):
+    reshard_after_forward: bool = True
+    cpu_offload: bool = False
+    # False (default): gradients stay unsharded and unreduced across non-final
+    # micro-steps (one reduce-scatter per step, more memory); True: reduce-scatter
+    # every micro-step (less memory, more communication).
+    reduce_every_microstep: bool = False
+
+
+class DeepSpeedConfig(Section):
+    zero_stage: int = Field(2, ge=0, le=3)
+    offload_optimizer: bool = False
+    offload_params: bool = False  # stage 3 only
+    config: Optional[str] = None  # a DeepSpeed JSON merged over the generated config
+
+
+class DistConfig(Section):
+    timeout_s: float = Field(600, gt=0)  # process-group timeout: how long a collective may wait
+
+
+class Config(Section):
+    recipe: dict[str, Any]
+    run_dir: str = "runs/default"
+    strategy: Literal["auto", "single", "ddp", "fsdp", "deepspeed"] = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    train: TrainConfig = TrainConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    data: DataConfig = DataConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log: LogConfig = LogConfig()
+    fsdp: FSDPConfig = FSDPConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    dist: DistConfig = DistConfig()
+
+    @property
+    def recipe_name(self) -> str:
+        return self.recipe["name"]
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read a YAML file, apply `key=value` overrides, validate. Raises ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (run `launcher ls` to see the configs that ship)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections (recipe:, train:, ...), not {type(raw).__name__}")
+    sources: dict[tuple, str] = {}
+    for item in overrides:
+        key, value = parse_override(item)
+        set_dotted(raw, key, value)
+        sources[tuple(key.split("."))] = f"override `{item}`"
+    return validate(raw, str(path), sources)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override `{item}` is not of the form key=value (for example optim.lr=3e-4)")
+    return key, parse_scalar(text)
+
+
+FLOAT_WITHOUT_DOT = re.compile(r"[-+]?\d+[eE][-+]?\d+")
+
+
+def parse_scalar(text: str) -> Any:
+    """A YAML scalar, except that 3e-4 is a float (YAML 1.1 would read it as a string)."""
+    if FLOAT_WITHOUT_DOT.fullmatch(text):
+        return float(text)
+    try:
+        return yaml.safe_load(text) if text else None
+    except yaml.YAMLError:
+        return text
+
+
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = tree
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[leaf] = value
+
+
+def validate(raw: dict, origin: str, sources: dict[tuple, str] | None = None) -> Config:
+    sources = sources or {}
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(describe_errors(e, Config, origin, sources)) from None
+    if "name" not in cfg.recipe or not isinstance(cfg.recipe["name"], str):
+        raise ConfigError(f"{origin}: `recipe.name` is missing: name the recipe module, e.g. recipe: {{name: recipes.digits}}")
+    return cfg
+
+
+def describe_errors(err: ValidationError, root: type, origin: str, sources: dict[tuple, str], prefix: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(str(p) for p in e["loc"])
+        key = prefix + ".".join(loc)
+        where = sources.get(tuple((prefix + ".".join(loc)).split(".")), origin)
+        if e["type"] == "extra_forbidden":
+            valid = valid_keys(root, loc[:-1])
+            hint = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
+            suggestion = f"; did you mean `{(prefix + '.'.join(loc[:-1] + (hint[0],)))}`?" if hint else ""
+            lines.append(f"unknown key `{key}` in {where}{suggestion} (valid keys here: {', '.join(valid)})")
+        elif e["type"] == "missing":
+            lines.append(f"`{key}` is required but missing in {where}")
+        else:
+            expected = expected_type(root, loc) or e["msg"]
+            lines.append(f"`{key}` in {where} has the value {e.get('input')!r}, but it must be {expected} ({e['msg']})")
+    return "bad config: " + "\n  ".join(lines)
+
+
+def valid_keys(root: type, loc: tuple) -> list[str]:
+    model = root
+    for part in loc:
+        field = model_fields(model).get(part)
+        model = getattr(field, "annotation", None) if field is not None else None
+        if model is None:
+            return []
+    return sorted(model_fields(model))
+
+
+def model_fields(model) -> dict:
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return {f.alias or name: f for name, f in model.model_fields.items()}
+    if dataclasses.is_dataclass(model):
+        return {f.name: f for f in dataclasses.fields(model)}
+    return {}
+
+
+def expected_type(root: type, loc: tuple) -> str | None:
+    fields = model_fields(root)
+    for i, part in enumerate(loc):
+        field = fields.get(part)
+        if field is None:
+            return None
+        ann = getattr(field, "annotation", None) or getattr(field, "type", None)
+        if i == len(loc) - 1:
+            return f"of type {type_name(ann)}"
+        fields = model_fields(ann)
+    return None
+
+
+def type_name(ann) -> str:
+    text = getattr(ann, "__name__", None) if getattr(ann, "__args__", None) is None else None
+    return text or str(ann).replace("typing.", "")
+
+
+def validate_recipe_fields(config_cls, values: dict, origin: str):
+    """Build the recipe's own Config dataclass from the `recipe:` section (less `name`)."""
+    if config_cls is None:
+        if values:
+            raise ConfigError(f"{origin}: the recipe has no Config dataclass, so `recipe.{next(iter(values))}` cannot be set")
+        return None
+    known = [f.name for f in dataclasses.fields(config_cls)]
+    for key in values:
+        if key not in known:
+            hint = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+            raise ConfigError(
+                f"unknown key `recipe.{key}` in {origin}"
+                + (f"; did you mean `recipe.{hint[0]}`?" if hint else "")
+                + f" (the recipe's Config fields: {', '.join(known)})"
+            )
+    try:
+        return TypeAdapter(config_cls).validate_python(values)
+    except ValidationError as e:
+        raise ConfigError(describe_errors(e, config_cls, origin, {}, prefix="recipe.")) from None
+
+
+def dump_config(cfg: Config, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(path)

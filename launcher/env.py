@@ -1,0 +1,114 @@
+"""Who am I: torchrun / accelerate, SLURM srun, or a single process.
+
+Detection order: torchrun-style variables first (torchrun, torch elastic and
+`accelerate launch` all set RANK/WORLD_SIZE/LOCAL_RANK), so a torchrun started
+inside a SLURM job is torchrun; then SLURM srun with one task per worker; else a
+single process.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    launcher: str  # "torchrun" | "slurm" | "single"
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def detect(environ: dict[str, str] | None = None) -> DistEnv:
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(
+            launcher="torchrun",
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            local_world_size=int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])),
+            node_rank=int(env.get("GROUP_RANK", env.get("NODE_RANK", 0))),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", 29500)),
+        )
+    # One srun task per worker. (A batch script's own shell also has these variables:
+    # start workers with srun, as `launcher slurm` writes it.)
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        ntasks = int(env["SLURM_NTASKS"])
+        nodes = max(1, int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", 1))))
+        return DistEnv(
+            launcher="slurm",
+            rank=int(env["SLURM_PROCID"]),
+            world_size=ntasks,
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            local_world_size=int(env.get("SLURM_NTASKS_PER_NODE", ntasks // nodes).split("(")[0]),
+            node_rank=int(env.get("SLURM_NODEID", 0)),
+            master_addr=env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
+            master_port=int(env.get("MASTER_PORT") or slurm_port(env.get("SLURM_JOB_ID", "0"))),
+        )
+    return DistEnv(launcher="single")
+
+
+def slurm_port(job_id: str) -> int:
+    """A port every task of a job derives alike, spread so that jobs sharing a node differ."""
+    return 15000 + int(re.sub(r"\D", "", job_id) or 0) % 20000
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: 'gpu[003-005,9],cpu1' -> 'gpu003'."""
+    first = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if first is None:
+        return nodelist
+    prefix, _, ranges = first.groups()
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def device_for(env: DistEnv) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", env.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init_process_group(env: DistEnv, device: torch.device, timeout_s: float) -> None:
+    """Join the group (NCCL with CUDA, gloo on the CPU); a no-op for one process."""
+    if not env.distributed or dist.is_initialized():
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    # env:// rather than tcp://: under torchrun the store already runs in the agent
+    # (TORCHELASTIC_USE_AGENT_STORE) and workers must join it, not host a new one.
+    os.environ.update(
+        MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port),
+        RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
+    )
+    dist.init_process_group(
+        backend="nccl" if device.type == "cuda" else "gloo",
+        init_method="env://",
+        timeout=timedelta(seconds=timeout_s),
+        device_id=device if device.type == "cuda" else None,
+    )
+
+
+def destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,192 @@
+"""Load a recipe module, check its contract, and adapt Lightning-shaped models.
+
+A recipe is a plain module with `model(cfg)`, `data(cfg)` and `loss(model, batch)`,
+an optional `Config` dataclass, and optional `metrics`, `optimizer`, `collate`,
+`shard_units`, `flops_per_sample`, `tokens_per_sample`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .config import ConfigError, validate_recipe_fields
+
+REQUIRED = ("model", "data", "loss")
+
+
+def import_recipe(name: str):
+    """Import by dotted name (recipes.digits) or by file path (path/to/recipe.py)."""
+    # `launcher` as a console script does not put the working directory on sys.path
+    # the way `python -m` does; recipes next to the user's config should import alike.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        if name.endswith(".py") or os.sep in name:
+            path = Path(name)
+            if not path.is_file():
+                raise ConfigError(f"recipe file {name} does not exist")
+            spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[path.stem] = module  # so that pickling (dataloader workers) finds it
+            spec.loader.exec_module(module)
+            return module
+        return importlib.import_module(name)
+    except ConfigError:
+        raise
+    except ModuleNotFoundError as e:
+        if e.name and (name == e.name or name.startswith(e.name + ".")):
+            raise ConfigError(
+                f"recipe `{name}` was not found: give a dotted module name importable from the "
+                "working directory (recipes.digits) or a path to a .py file (run `launcher ls`)"
+            ) from None
+        raise ConfigError(f"recipe `{name}` failed to import:\n{traceback.format_exc()}") from None
+    except Exception:
+        # The recipe's own bug: show its traceback, it is the user's code.
+        raise ConfigError(f"recipe `{name}` failed to import:\n{traceback.format_exc()}") from None
+
+
+class LightningAdapter(nn.Module):
+    """Lets a LightningModule-shaped model train: forward() is its training_step.
+
+    Calling through forward (rather than model.training_step directly) keeps the
+    hooks that DDP and FSDP attach to forward working.
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, batch, batch_idx: int = 0):
+        if not self.training and hasattr(self.module, "validation_step"):
+            return self.module.validation_step(batch, batch_idx)
+        return self.module.training_step(batch, batch_idx)
+
+
+def is_lightning_shaped(model: nn.Module) -> bool:
+    return callable(getattr(model, "training_step", None)) and callable(getattr(model, "configure_optimizers", None))
+
+
+def lightning_loss(model: nn.Module, batch):
+    out = model(batch)
+    return out["loss"] if isinstance(out, dict) else out
+
+
+@dataclasses.dataclass
+class Recipe:
+    name: str
+    module: Any
+    cfg: Any  # the recipe's Config instance, or None
+
+    @classmethod
+    def load(cls, section: dict, origin: str = "the config") -> "Recipe":
+        name = section["name"]
+        module = import_recipe(name)
+        config_cls = getattr(module, "Config", None)
+        if config_cls is not None and not dataclasses.is_dataclass(config_cls):
+            raise ConfigError(f"recipe `{name}`: `Config` must be a @dataclass")
+        fields = {k: v for k, v in section.items() if k != "name"}
+        recipe = cls(name, module, validate_recipe_fields(config_cls, fields, origin))
+        recipe.check()
+        return recipe
+
+    def check(self) -> None:
+        missing = [f for f in REQUIRED if not callable(getattr(self.module, f, None))]
+        if missing == ["loss"] and self._model_is_lightning():
+            missing = []  # training_step is the loss
+        if missing:
+            raise ConfigError(
+                f"recipe `{self.name}` lacks the function(s) {', '.join(missing)}: a recipe defines "
+                "model(cfg) -> nn.Module, data(cfg) -> (train, val) and loss(model, batch) -> Tensor "
+                "or (total, count)"
+            )
+
+    def _model_is_lightning(self) -> bool:
+        with torch.device("meta"):  # no memory, no init cost: we only look at its methods
+            return is_lightning_shaped(self._call("model", self.module.model, self.cfg))
+
+    def _call(self, what: str, fn: Callable, *args):
+        try:
+            return fn(*args)
+        except Exception:
+            raise RecipeError(f"recipe `{self.name}`: {what}() raised:\n{traceback.format_exc()}") from None
+
+    # ------------------------------------------------------------ the contract
+
+    def build_model(self) -> nn.Module:
+        model = self._call("model", self.module.model, self.cfg)
+        if not isinstance(model, nn.Module):
+            raise RecipeError(f"recipe `{self.name}`: model() must return an nn.Module, not {type(model).__name__}")
+        return LightningAdapter(model) if is_lightning_shaped(model) else model
+
+    def build_data(self):
+        out = self._call("data", self.module.data, self.cfg)
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise RecipeError(f"recipe `{self.name}`: data() must return a pair (train, val); val may be None")
+        return out
+
+    def loss(self, model: nn.Module, batch):
+        fn = getattr(self.module, "loss", None)
+        return fn(model, batch) if fn is not None else lightning_loss(model, batch)
+
+    def metrics(self, model: nn.Module, batch) -> dict:
+        fn = getattr(self.module, "metrics", None)
+        return fn(model, batch) if fn else {}
+
+    def optimizer(self, params, model: nn.Module):
+        """The recipe's optimizer or a Lightning configure_optimizers(); None: the config's."""
+        fn = getattr(self.module, "optimizer", None)
+        if fn is not None:
+            return fn(params, self.cfg)
+        inner = unwrap(model)
+        if isinstance(inner, LightningAdapter):
+            opt = inner.module.configure_optimizers()
+            if isinstance(opt, (list, tuple)):
+                opt = opt[0]
+            if isinstance(opt, dict):
+                opt = opt["optimizer"]
+            return opt
+        return None
+
+    @property
+    def collate(self):
+        return getattr(self.module, "collate", None)
+
+    def shard_units(self, model: nn.Module) -> list[nn.Module]:
+        fn = getattr(self.module, "shard_units", None)
+        if fn is not None:
+            return list(fn(unwrap_lightning(model)))
+        return [child for m in model.modules() if isinstance(m, nn.ModuleList) for child in m]
+
+    def per_sample(self, what: str) -> float | None:
+        fn = getattr(self.module, what, None)
+        return float(fn(self.cfg)) if fn else None
+
+    @property
+    def description(self) -> str:
+        doc = (self.module.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+
+class RecipeError(ConfigError):
+    """The recipe broke its contract or raised while building model or data."""
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module under a DDP or DeepSpeed wrapper (FSDP2 shards in place, no wrapper)."""
+    while type(model).__name__ in ("DistributedDataParallel", "DeepSpeedEngine"):
+        model = model.module
+    return model
+
+
+def unwrap_lightning(model: nn.Module) -> nn.Module:
+    model = unwrap(model)
+    return model.module if isinstance(model, LightningAdapter) else model

@@ -1,0 +1,335 @@
+"""The one training loop.
+
+It holds a Strategy and never asks which one (DESIGN section 4). The loss
+normalisation that makes every world size and accumulation train the same math:
+
+- a mean loss is divided by A, the accumulation steps; DDP / FSDP / DeepSpeed
+  average over the W ranks, so the gradient is the mean over the global batch;
+- a (total, count) loss is backpropagated as the plain sum; once all micro-steps
+  are done, the count summed over micro-steps and ranks (one all-reduce) gives
+  C, and the gradients, averaged over W by the strategy, are multiplied by W / C.
+  The gradient is then d(sum of all totals)/C whatever the micro-batches held.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import data as data_mod
+from .checkpoint import Checkpointer
+from .config import Config, ConfigError, dump_config
+from .env import DistEnv
+from .loggers import Loggers
+from .optim import build_optimizer, build_scheduler
+from .precision import Precision
+from .recipe import Recipe, RecipeError
+from .strategies import resolve_name, strategy_class
+
+STOPPED_BY_SIGNAL = 3  # exit code: a stop signal arrived, a checkpoint was saved; rerun to resume
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+class Stopped(Exception):
+    """A stop signal arrived and the checkpoint is saved."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def batch_plan(cfg: Config, world_size: int, dataset_len: int | None = None) -> data_mod.BatchPlan:
+    """Derive and check G = A * M * W. Raises ConfigError with valid alternatives."""
+    G = cfg.train.global_batch_size
+    M = cfg.train.micro_batch_size or max(1, G // world_size)
+    if G % (M * world_size):
+        micro = [m for m in range(1, G // world_size + 1) if G % (m * world_size) == 0]
+        glob = sorted({(G // (M * world_size) + d) * M * world_size for d in (0, 1) if (G // (M * world_size) + d) > 0})
+        raise ConfigError(
+            f"train.global_batch_size={G} is not a multiple of micro_batch_size x world size = {M} x {world_size}"
+            f" = {M * world_size}, so gradient accumulation would not be a whole number. Valid "
+            f"train.micro_batch_size values for this world size: {micro or 'none'}; or set "
+            f"train.global_batch_size to one of {glob}"
+        )
+    plan = data_mod.BatchPlan(G, M, world_size, dataset_len or 0, cfg.data.tail)
+    if dataset_len is not None and plan.steps_per_epoch == 0:
+        raise ConfigError(
+            f"train.global_batch_size={G} is larger than the training set ({dataset_len} samples): "
+            f"lower it, or set data.tail=wrap"
+        )
+    return plan
+
+
+@dataclass
+class StepOutput:
+    loss_num: torch.Tensor  # this rank's loss numerator for the logged loss
+    loss_den: torch.Tensor
+    grad_norm: torch.Tensor
+    applied: bool
+
+
+class Trainer:
+    def __init__(self, cfg: Config, env: DistEnv, device: torch.device):
+        self.cfg, self.env, self.device = cfg, env, device
+        self.run_dir = Path(cfg.run_dir)
+        seed_everything(cfg.train.seed)
+        self.recipe = Recipe.load(cfg.recipe)
+        train_set, self.val_set = self.recipe.build_data()
+        self.plan = batch_plan(cfg, env.world_size, len(train_set))
+        t = cfg.train
+        self.total_steps = min(s for s in (t.max_steps, t.epochs and t.epochs * self.plan.steps_per_epoch) if s)
+        self.loader = data_mod.train_loader(
+            train_set, self.plan, env.rank, t.seed, cfg.data.shuffle, cfg.data.num_workers,
+            self.recipe.collate, pin_memory=device.type == "cuda",
+        )
+
+        # Same seed on every rank right before building: identical initial weights.
+        torch.manual_seed(t.seed)
+        model = self.recipe.build_model()
+        name = resolve_name(cfg.strategy, env.world_size)
+        cls = strategy_class(name)
+        self.precision = Precision(cfg.precision, device, use_scaler=cls.uses_torch_scaler)
+        self.strategy = cls(cfg, env, device, self.precision, self.plan, self.recipe.shard_units)
+        self.strategy.setup(model, self.make_optimizer)
+        self.scheduler = build_scheduler(cfg.schedule, self.strategy.optimizer, self.total_steps)
+
+        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint, env.rank)
+        self.step = 0
+        self.skipped_steps = 0
+        resume = self.checkpointer.resume_path()
+        if resume is not None:
+            self.restore(resume)
+        self.loggers = Loggers.for_rank(env.is_main, cfg, self.run_dir, self.total_steps, self.step,
+                                        resumed=resume is not None)
+        self.tokens_per_sample = self.recipe.per_sample("tokens_per_sample")
+        self.flops_per_sample = self.recipe.per_sample("flops_per_sample")
+        self.peak_flops = peak_flops(device, cfg.precision)
+        self.stop_requested = False
+
+    def make_optimizer(self, model):
+        return self.recipe.optimizer(model.parameters(), model) or build_optimizer(self.cfg.optim, model)
+
+    # ------------------------------------------------------------ the loop
+
+    def fit(self) -> None:
+        if self.env.is_main:
+            dump_config(self.cfg, self.run_dir / "config.yaml")
+        previous = self.install_signal_handlers()
+        try:
+            self.train_loop()
+            self.save()
+            self.checkpointer.wait()
+        finally:
+            restore_signal_handlers(previous)
+            self.loggers.close()
+
+    def train_loop(self) -> None:
+        cfg, plan = self.cfg.train, self.plan
+        window = torch.zeros(2, device=self.device)  # loss numerator, denominator since the last log
+        window_start, window_steps, t0 = time.perf_counter(), 0, time.perf_counter()
+        while self.step < self.total_steps:
+            epoch, start = divmod(self.step, plan.steps_per_epoch)
+            self.loader.sampler.set_epoch(epoch, start)
+            batches = iter(self.loader)
+            for _ in range(start, plan.steps_per_epoch):
+                micro = [data_mod.to_device(next(batches), self.device) for _ in range(plan.accumulation)]
+                out = self.train_step(micro)
+                self.step += 1
+                window_steps += 1
+                window += torch.stack([out.loss_num, out.loss_den])
+                self.loggers.advance()
+                if self.step % cfg.log_every_steps == 0 or self.step == self.total_steps:
+                    now = time.perf_counter()
+                    self.log_train(epoch, window, out.grad_norm, window_steps, now - window_start, now - t0)
+                    window.zero_()
+                    window_start, window_steps = now, 0
+                if cfg.eval_every_steps and self.step % cfg.eval_every_steps == 0 and self.step < self.total_steps:
+                    self.evaluate(epoch)
+                if self.cfg.checkpoint.every_steps and self.step % self.cfg.checkpoint.every_steps == 0:
+                    self.save()
+                if self.stop_requested_everywhere():
+                    self.save()
+                    self.checkpointer.wait()
+                    raise Stopped()
+                if self.step >= self.total_steps:
+                    break
+        self.evaluate(max(0, self.step - 1) // plan.steps_per_epoch)
+
+    def train_step(self, micro_batches: list) -> StepOutput:
+        strategy, A = self.strategy, len(micro_batches)
+        pair = False
+        num = torch.zeros((), device=self.device)
+        den = torch.zeros((), device=self.device)
+        for j, batch in enumerate(micro_batches):
+            last = j == A - 1
+            with contextlib.nullcontext() if last else strategy.no_sync():
+                with self.precision.autocast():
+                    out = self.recipe.loss(strategy.model, batch)
+                pair = isinstance(out, (tuple, list))
+                if pair:
+                    total, count = out
+                    strategy.backward(total.float())
+                    num += total.detach().float()
+                    den += count
+                else:
+                    strategy.backward(out.float() / A)
+                    num += out.detach().float() / A
+        if pair:
+            # The one all-reduce a step needs for token losses: the global count.
+            totals = all_reduce_sum(torch.stack([num, den]))
+            strategy.scale_grads(self.env.world_size / totals[1])
+        else:
+            den = torch.ones((), device=self.device)
+        grad_norm = strategy.clip_grad_norm(self.cfg.train.grad_clip)
+        if self.precision.scaler is None and not torch.isfinite(grad_norm):  # the one host sync a step
+            if self.cfg.train.on_nonfinite == "stop":
+                raise NonFiniteError(
+                    f"non-finite gradient (norm {grad_norm.item()}) at step {self.step + 1}; the last good "
+                    "checkpoint is kept. Set train.on_nonfinite=skip to skip such steps instead"
+                )
+            strategy.zero_grad()
+            self.skipped_steps += 1
+            return StepOutput(num, den, grad_norm, applied=False)
+        applied = strategy.step()
+        if applied:
+            self.scheduler.step()
+        else:
+            self.skipped_steps += 1  # fp16 overflow: the scaler skipped it; the schedule waits
+        return StepOutput(num, den, grad_norm, applied)
+
+    # ------------------------------------------------------------ logging
+
+    def log_train(self, epoch: int, window: torch.Tensor, grad_norm: torch.Tensor, steps: int,
+                  seconds: float, elapsed: float) -> None:
+        num, den = all_reduce_sum(window.clone()).tolist()
+        world = self.env.world_size
+        # A mean loss contributes one local mean per step and rank; a pair, its totals and counts.
+        loss = num / den if den else float("nan")
+        samples_per_s = steps * self.plan.global_batch / max(seconds, 1e-9)
+        row = {
+            "step": self.step, "epoch": epoch, "loss": loss,
+            "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+            "samples_per_s": samples_per_s, "time": round(elapsed, 3),
+        }
+        if self.skipped_steps:
+            row["skipped_steps"] = self.skipped_steps
+        if self.tokens_per_sample:
+            row["tokens_per_s"] = samples_per_s * self.tokens_per_sample
+        if self.flops_per_sample and self.peak_flops:
+            row["mfu"] = samples_per_s * self.flops_per_sample / (world * self.peak_flops)
+        self.loggers.log(row)
+
+    @torch.no_grad()
+    def evaluate(self, epoch: int) -> None:
+        if self.val_set is None:
+            return
+        model = self.strategy.eval_model
+        model.eval()
+        sums: dict[str, torch.Tensor] = {}
+        batch_size = self.cfg.train.eval_batch_size or self.plan.micro_batch
+        loader = data_mod.EvalLoader(self.val_set, batch_size, self.env.rank, self.env.world_size,
+                                     self.cfg.data.num_workers, self.recipe.collate)
+        for batch, n, counts in loader:
+            batch = data_mod.to_device(batch, self.device)
+            with self.precision.autocast():
+                values = {"val_loss": self.recipe.loss(model, batch), **self.recipe.metrics(model, batch)}
+            for key, value in values.items():
+                # A pair is (total, count); a scalar is a mean over the batch's n samples.
+                total, count = value if isinstance(value, (tuple, list)) else (value * n, n)
+                acc = sums.setdefault(key, torch.zeros(2, device=self.device, dtype=torch.float64))
+                if counts:
+                    acc += torch.stack([torch.as_tensor(total, dtype=torch.float64, device=self.device),
+                                        torch.as_tensor(count, dtype=torch.float64, device=self.device)])
+        model.train()
+        keys = sorted(sums)
+        reduced = all_reduce_sum(torch.stack([sums[k] for k in keys])).tolist() if keys else []
+        row = {"step": self.step, "epoch": epoch, "split": "val"}
+        row.update({k: t / c if c else float("nan") for k, (t, c) in zip(keys, reduced)})
+        self.loggers.log(row)
+
+    # ------------------------------------------------------------ checkpoints and signals
+
+    def save(self) -> None:
+        meta = {
+            "step": self.step,
+            "skipped_steps": self.skipped_steps,
+            "world_size": self.env.world_size,
+            "strategy": self.strategy.name,
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.precision.scaler.state_dict() if self.precision.scaler else None,
+        }
+        self.checkpointer.save(self.step, self.strategy, meta)
+
+    def restore(self, path: Path) -> None:
+        if not (path / "meta.json").is_file():
+            raise ConfigError(f"checkpoint.resume={path} is not a complete checkpoint (no meta.json in it)")
+        meta = self.checkpointer.load(path, self.strategy)
+        self.step, self.skipped_steps = meta["step"], meta["skipped_steps"]
+        self.scheduler.load_state_dict(meta["scheduler"])
+        if self.precision.scaler and meta.get("scaler"):
+            self.precision.scaler.load_state_dict(meta["scaler"])
+        if self.env.is_main:
+            print(f"resumed from {path} at step {self.step}", file=sys.stderr, flush=True)
+
+    def install_signal_handlers(self) -> dict:
+        def request_stop(signum, frame):
+            self.stop_requested = True
+
+        previous = {}
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                previous[sig] = signal.signal(sig, request_stop)
+            except ValueError:  # not the main thread (e.g. a test harness): no handlers
+                pass
+        return previous
+
+    def stop_requested_everywhere(self) -> bool:
+        """A signal may reach one rank only; every rank must agree to stop at the same step."""
+        if not dist.is_initialized():
+            return self.stop_requested
+        flag = torch.tensor([float(self.stop_requested)], device=self.device)
+        dist.all_reduce(flag)
+        return bool(flag.item())
+
+
+def restore_signal_handlers(previous: dict) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    """Dense peak FLOP/s of one device, for MFU; None where unknown (CPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    half = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
+    fp32 = {"H100": 67e12, "H200": 67e12, "A100": 19.5e12, "L4": 30e12, "A10": 31e12, "4090": 82e12}
+    table = fp32 if precision == "fp32" else half
+    return next((v for k, v in table.items() if k in name), None)
+
+
+def train(cfg: Config, env: DistEnv, device: torch.device) -> None:
+    Trainer(cfg, env, device).fit()
+
+
+__all__ = ["Trainer", "train", "batch_plan", "NonFiniteError", "Stopped", "STOPPED_BY_SIGNAL", "RecipeError"]
