@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-TEST_RECIPES = Path(__file__).resolve().parent / "recipes"
+TEST_RECIPES = Path(__file__).resolve().parent / "toy_recipes"  # importable as toy_recipes.NAME
 
 
 def worker_env(extra: dict | None = None) -> dict:
