@@ -26,8 +26,8 @@ class Section(BaseModel):
 class TrainConfig(Section):
     global_batch_size: int = Field(64, gt=0)
     micro_batch_size: Optional[int] = Field(None, gt=0)  # per device; default: global / world
-    epochs: Optional[int] = Field(1, gt=0)
-    max_steps: Optional[int] = Field(None, gt=0)  # stops earlier than `epochs` when set
+    epochs: int = Field(1, gt=0)
+    max_steps: Optional[int] = Field(None, gt=0)  # when set, it decides the length and epochs is ignored
     grad_clip: Optional[float] = Field(None, gt=0)
     seed: int = 0
     log_every_steps: int = Field(10, gt=0)

@@ -66,8 +66,6 @@ class LightningAdapter(nn.Module):
         self.module = module
 
     def forward(self, batch, batch_idx: int = 0):
-        if not self.training and hasattr(self.module, "validation_step"):
-            return self.module.validation_step(batch, batch_idx)
         return self.module.training_step(batch, batch_idx)
 
 
@@ -139,7 +137,13 @@ class Recipe:
 
     def metrics(self, model: nn.Module, batch) -> dict:
         fn = getattr(self.module, "metrics", None)
-        return fn(model, batch) if fn else {}
+        if fn is not None:
+            return fn(model, batch)
+        inner = unwrap(model)
+        if isinstance(inner, LightningAdapter) and callable(getattr(inner.module, "validation_step", None)):
+            out = inner.module.validation_step(batch, 0)
+            return out if isinstance(out, dict) else {} if out is None else {"validation_step": out}
+        return {}
 
     def optimizer(self, params, model: nn.Module):
         """The recipe's optimizer or a Lightning configure_optimizers(); None: the config's."""

@@ -86,18 +86,20 @@ class StepOutput:
     loss_den: torch.Tensor
     grad_norm: torch.Tensor
     applied: bool
+    lr: float  # the rate this step used (the schedule moves on after it)
 
 
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv, device: torch.device):
         self.cfg, self.env, self.device = cfg, env, device
         self.run_dir = Path(cfg.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.train.seed)
         self.recipe = Recipe.load(cfg.recipe)
         train_set, self.val_set = self.recipe.build_data()
         self.plan = batch_plan(cfg, env.world_size, len(train_set))
         t = cfg.train
-        self.total_steps = min(s for s in (t.max_steps, t.epochs and t.epochs * self.plan.steps_per_epoch) if s)
+        self.total_steps = t.max_steps or t.epochs * self.plan.steps_per_epoch
         self.loader = data_mod.train_loader(
             train_set, self.plan, env.rank, t.seed, cfg.data.shuffle, cfg.data.num_workers,
             self.recipe.collate, pin_memory=device.type == "cuda",
@@ -160,7 +162,7 @@ class Trainer:
                 self.loggers.advance()
                 if self.step % cfg.log_every_steps == 0 or self.step == self.total_steps:
                     now = time.perf_counter()
-                    self.log_train(epoch, window, out.grad_norm, window_steps, now - window_start, now - t0)
+                    self.log_train(epoch, window, out, window_steps, now - window_start, now - t0)
                     window.zero_()
                     window_start, window_steps = now, 0
                 if cfg.eval_every_steps and self.step % cfg.eval_every_steps == 0 and self.step < self.total_steps:
@@ -201,6 +203,7 @@ class Trainer:
         else:
             den = torch.ones((), device=self.device)
         grad_norm = strategy.clip_grad_norm(self.cfg.train.grad_clip)
+        lr = strategy.optimizer.param_groups[0]["lr"]
         if self.precision.scaler is None and not torch.isfinite(grad_norm):  # the one host sync a step
             if self.cfg.train.on_nonfinite == "stop":
                 raise NonFiniteError(
@@ -209,17 +212,17 @@ class Trainer:
                 )
             strategy.zero_grad()
             self.skipped_steps += 1
-            return StepOutput(num, den, grad_norm, applied=False)
+            return StepOutput(num, den, grad_norm, False, lr)
         applied = strategy.step()
         if applied:
             self.scheduler.step()
         else:
             self.skipped_steps += 1  # fp16 overflow: the scaler skipped it; the schedule waits
-        return StepOutput(num, den, grad_norm, applied)
+        return StepOutput(num, den, grad_norm, applied, lr)
 
     # ------------------------------------------------------------ logging
 
-    def log_train(self, epoch: int, window: torch.Tensor, grad_norm: torch.Tensor, steps: int,
+    def log_train(self, epoch: int, window: torch.Tensor, last: StepOutput, steps: int,
                   seconds: float, elapsed: float) -> None:
         num, den = all_reduce_sum(window.clone()).tolist()
         world = self.env.world_size
@@ -228,7 +231,7 @@ class Trainer:
         samples_per_s = steps * self.plan.global_batch / max(seconds, 1e-9)
         row = {
             "step": self.step, "epoch": epoch, "loss": loss,
-            "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+            "lr": last.lr, "grad_norm": float(last.grad_norm),
             "samples_per_s": samples_per_s, "time": round(elapsed, 3),
         }
         if self.skipped_steps:

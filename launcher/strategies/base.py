@@ -11,6 +11,7 @@ trainer calls, per optimizer step:
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Callable
 
 import torch
@@ -108,7 +109,8 @@ class Strategy:
 
         state = self.state_dict()
         if not async_save:
-            dcp.save(state, checkpoint_id=str(path))
+            with single_process_quiet():
+                dcp.save(state, checkpoint_id=str(path))
             return None
         # A group of its own: the background save's collectives must not interleave
         # with the training loop's on the default group.
@@ -120,7 +122,8 @@ class Strategy:
         import torch.distributed.checkpoint as dcp
 
         state = self.state_dict()  # the target layout: DCP reshards into it
-        dcp.load(state, checkpoint_id=str(path))
+        with single_process_quiet():
+            dcp.load(state, checkpoint_id=str(path))
         self.load_state_dict(state)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
@@ -135,6 +138,14 @@ class Strategy:
         optim = sum(local_tensor(v).numel() for s in self.optimizer.state.values()
                     for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
         return {"params": params, "optim": optim}
+
+
+@contextlib.contextmanager
+def single_process_quiet():
+    """DCP warns that it 'assumes a single process' when there is no group: that is our intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        yield
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:

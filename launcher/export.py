@@ -1,0 +1,79 @@
+"""`launcher export`: one consolidated safetensors file of full weights from any checkpoint.
+
+Runs in one process, offline: DCP checkpoints (single, ddp, fsdp) are read into
+a full state dict (DCP reshards on load); DeepSpeed ones are consolidated with
+DeepSpeed's own zero_to_fp32. The file loads into the recipe's model() with
+load_state_dict(strict=True).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .checkpoint import complete_checkpoints, latest_checkpoint, step_dir_name
+from .config import ConfigError, load_config
+from .recipe import LightningAdapter, Recipe
+from .strategies.base import single_process_quiet
+
+
+def find_checkpoint(run_dir: Path, step: int | None) -> Path:
+    ckpt_dir = run_dir / "checkpoints"
+    if step is None:
+        path = latest_checkpoint(ckpt_dir)
+        if path is None:
+            raise ConfigError(f"{run_dir} has no complete checkpoint to export")
+        return path
+    path = ckpt_dir / step_dir_name(step)
+    if path not in complete_checkpoints(ckpt_dir):
+        have = ", ".join(str(int(p.name.split("_")[1])) for p in complete_checkpoints(ckpt_dir)) or "none"
+        raise ConfigError(f"{run_dir} has no complete checkpoint at step {step} (steps saved: {have})")
+    return path
+
+
+def export(run_dir: Path, out: Path, step: int | None = None) -> Path:
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml in it)")
+    ckpt = find_checkpoint(run_dir, step)
+    cfg = load_config(run_dir / "config.yaml")
+    recipe = Recipe.load(cfg.recipe, str(run_dir / "config.yaml"))
+    model = recipe.build_model()
+    meta = json.loads((ckpt / "meta.json").read_text())
+    if meta["strategy"] == "deepspeed":
+        state = deepspeed_full_state(ckpt)
+    else:
+        state = dcp_full_state(ckpt, model)
+    if isinstance(model, LightningAdapter):  # the file loads into the user's module itself
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    model = model.module if isinstance(model, LightningAdapter) else model
+    model.load_state_dict(state, strict=True)  # fail here, not in the user's hands
+    return write_safetensors(model.state_dict(), out)
+
+
+def dcp_full_state(ckpt: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    import torch.distributed.checkpoint as dcp
+
+    state = {"model": dict(model.state_dict())}
+    with single_process_quiet():
+        dcp.load(state, checkpoint_id=str(ckpt))
+    return state["model"]
+
+
+def deepspeed_full_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+
+
+def write_safetensors(state: dict[str, torch.Tensor], out: Path) -> Path:
+    from safetensors.torch import save_file
+
+    # Tied weights are one tensor under two names; safetensors wants separate storage.
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out)  # never a half-written file under the final name
+    return out

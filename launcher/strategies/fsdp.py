@@ -1,0 +1,109 @@
+"""FSDP2 (torch.distributed.fsdp.fully_shard): parameters, gradients and optimizer
+state sharded on dim 0 across the ranks, as DTensors.
+
+Each shard unit (the recipe's `shard_units(model)`, by default the children of
+every nn.ModuleList) becomes one FSDP group: its parameters are all-gathered in
+one collective before its forward and its gradients reduce-scattered in one
+collective after its backward. The root is sharded last and takes what is left
+(embeddings, final norm, a tied head). The optimizer is built afterwards, over
+the sharded parameters, so its state is sharded too.
+
+The loss normalisation of the trainer holds unchanged: FSDP's reduce-scatter
+averages the gradients over the W ranks, as DDP's all-reduce does.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .base import Strategy, local_tensor
+
+
+def ensure_process_group(device: torch.device) -> None:
+    """FSDP and DeepSpeed need a process group even for one process: join a private one of size 1."""
+    if dist.is_initialized():
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # pragma: no cover - env.py joins the real group first
+        raise RuntimeError("a distributed run reached the strategy before its process group was initialised")
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(),
+                            rank=0, world_size=1, device_id=device if device.type == "cuda" else None)
+
+
+class FSDPStrategy(Strategy):
+    name = "fsdp"
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+        ensure_process_group(self.device)
+        mesh = init_device_mesh(self.device.type, (dist.get_world_size(),))
+        options = dict(
+            mesh=mesh,
+            reshard_after_forward=self.cfg.fsdp.reshard_after_forward,
+            mp_policy=self.mixed_precision_policy(MixedPrecisionPolicy),
+            # Pinned host memory needs a GPU; on the CPU the "offload" is a no-op move anyway.
+            offload_policy=(CPUOffloadPolicy(pin_memory=self.device.type == "cuda") if self.cfg.fsdp.cpu_offload
+                            else OffloadPolicy()),
+        )
+        units = self.shard_units(model) if self.shard_units is not None else default_shard_units(model)
+        for unit in units:
+            if unit is not model:
+                fully_shard(unit, **options)
+        fully_shard(model, **options)
+        return model
+
+    def mixed_precision_policy(self, policy_cls):
+        """bf16 / fp16: compute (and all-gather) in the low precision, reduce-scatter in fp32; the
+        sharded master parameters, their gradients and the optimizer state stay fp32. The
+        trainer's autocast then finds the parameters already low precision (harmless)."""
+        if self.precision.name == "fp32":
+            return policy_cls()
+        return policy_cls(param_dtype=self.precision.dtype, reduce_dtype=torch.float32)
+
+    # ------------------------------------------------------------ one step
+
+    def no_sync(self):
+        """Non-final micro-steps: by default keep the unsharded gradients and reduce-scatter
+        once, on the last micro-step; fsdp.reduce_every_microstep=true reduce-scatters
+        every micro-step (less memory: only sharded gradients are kept, more communication)."""
+        if self.cfg.fsdp.reduce_every_microstep:
+            return contextlib.nullcontext()
+        return self._no_gradient_sync()
+
+    @contextlib.contextmanager
+    def _no_gradient_sync(self):
+        self.model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
+
+    def scale_grads(self, factor: torch.Tensor) -> None:
+        # The gradients are DTensors: scale each rank's shard in place.
+        grads = [local_tensor(g) for g in self.grads()]
+        if grads:
+            torch._foreach_mul_(grads, factor)
+
+    def clip_grad_norm(self, max_norm: float | None) -> torch.Tensor:
+        """The norm of the whole (unsharded) gradient, a plain tensor equal on every rank."""
+        if self.precision.scaler:
+            self.precision.scaler.unscale_(self.optimizer)  # a DTensor-aware found_inf: the same on every rank
+        grads = self.grads()
+        if not grads:
+            return torch.zeros((), device=self.device)
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        if hasattr(norm, "full_tensor"):  # a DTensor holding partial sums of squares: reduce it
+            norm = norm.full_tensor()
+        if max_norm:
+            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+            torch._foreach_mul_([local_tensor(g) for g in grads], coef.to(grads[0].dtype))
+        return norm
+
+
+def default_shard_units(model: nn.Module) -> list[nn.Module]:
+    return [child for m in model.modules() if isinstance(m, nn.ModuleList) for child in m]

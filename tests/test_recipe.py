@@ -1,0 +1,63 @@
+"""The recipe contract (issue 2, point 3)."""
+import pytest
+
+from helpers import check, digits_config, losses, metrics, run, write_config
+from launcher.config import ConfigError
+from launcher.recipe import Recipe
+
+
+def write_recipe(tmp_path, body: str):
+    path = tmp_path / "my_recipe.py"
+    path.write_text(body)
+    return path
+
+
+def test_missing_function_is_named(tmp_path):
+    path = write_recipe(tmp_path, "def model(cfg):\n    import torch\n    return torch.nn.Linear(2, 2)\n")
+    with pytest.raises(ConfigError) as e:
+        Recipe.load({"name": str(path)})
+    assert "data, loss" in str(e.value)
+
+
+def test_import_error_shows_the_recipes_own_traceback(tmp_path):
+    path = write_recipe(tmp_path, "import math\n\nvalue = math.sqrt(-1)  # the user's bug\n")
+    cfg = write_config(tmp_path / "c.yaml", digits_config(tmp_path / "run", recipe={"name": str(path)}))
+    proc = run(["run", cfg], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "math domain error" in proc.stderr and "my_recipe.py" in proc.stderr and "value = math.sqrt(-1)" in proc.stderr
+
+
+def test_unknown_recipe_module(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        Recipe.load({"name": "recipes.nonexistent"})
+
+
+def test_recipe_by_file_path_trains(tmp_path):
+    body = (
+        "from recipes.digits import Config, model, data, loss\n"
+    )
+    path = write_recipe(tmp_path, body)
+    cfg = write_config(tmp_path / "c.yaml", digits_config(tmp_path / "run", recipe={"name": str(path), "hidden": 16}))
+    check(run(["run", cfg], cwd=tmp_path))
+    assert len(losses(tmp_path / "run")) == 20
+
+
+def test_recipe_config_fields_are_set_from_the_config():
+    recipe = Recipe.load({"name": "recipes.digits", "hidden": 17, "depth": 1})
+    assert recipe.cfg.hidden == 17 and recipe.cfg.depth == 1
+    assert recipe.build_model()[0].out_features == 17
+
+
+def test_lightning_shaped_model_trains(tmp_path):
+    """training_step is the loss, configure_optimizers the optimizer, validation_step the metrics."""
+    recipe = Recipe.load({"name": "toy_recipes.lightning_style"})  # no loss() in that module: accepted
+    assert recipe.module.__name__ == "toy_recipes.lightning_style"
+    cfg = write_config(tmp_path / "c.yaml", digits_config(
+        tmp_path / "run", recipe={"name": "toy_recipes.lightning_style", "lr": 1e-2},
+        optim={"name": "sgd", "lr": 1e-9},  # ignored: configure_optimizers() wins
+        train={"max_steps": 60}))
+    check(run(["run", cfg]))
+    train_rows, val_rows = metrics(tmp_path / "run")
+    assert train_rows[-1]["loss"] < 0.5 * train_rows[0]["loss"]
+    assert train_rows[0]["lr"] == pytest.approx(1e-2)
+    assert val_rows[-1]["accuracy"] > 0.8

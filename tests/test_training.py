@@ -1,0 +1,141 @@
+"""The single-process loop (issue 2, points 4 to 7)."""
+import math
+import time
+
+import pytest
+import torch
+
+from helpers import ROOT, check, digits_config, losses, metrics, run, write_config
+from launcher.config import ScheduleConfig, load_config
+from launcher.data import epoch_permutation
+from launcher.env import DistEnv
+from launcher.optim import lr_factor
+from launcher.trainer import Trainer
+
+
+def test_default_config_reaches_95_percent_in_under_a_minute(tmp_path):
+    start = time.perf_counter()
+    proc = check(run(["run", ROOT / "configs" / "digits.yaml", f"run_dir={tmp_path / 'run'}"]))
+    seconds = time.perf_counter() - start
+    _, val_rows = metrics(tmp_path / "run")
+    print(f"digits.yaml: val accuracy {val_rows[-1]['accuracy']:.4f} in {seconds:.1f} s")
+    assert val_rows[-1]["accuracy"] >= 0.95
+    assert "step=" in proc.stdout  # not a terminal: plain lines
+
+
+def test_regression_recipe_trains(tmp_path):
+    check(run(["run", ROOT / "configs" / "diabetes.yaml", f"run_dir={tmp_path / 'run'}"]))
+    train_rows, val_rows = metrics(tmp_path / "run")
+    assert train_rows[-1]["loss"] < 0.7 * train_rows[0]["loss"]
+    assert val_rows[-1]["val_loss"] < 0.7  # MSE in units of the target's variance: better than the mean
+
+
+def test_outputs_and_validation_schedule(tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", digits_config(
+        tmp_path / "run", train={"max_steps": 25, "log_every_steps": 5, "eval_every_steps": 10}))
+    proc = check(run(["run", cfg]))
+    run_dir = tmp_path / "run"
+    assert load_config(run_dir / "config.yaml").train.max_steps == 25  # the resolved config, loadable
+    train_rows, val_rows = metrics(run_dir)
+    assert [r["step"] for r in train_rows] == [5, 10, 15, 20, 25]
+    for row in train_rows:
+        assert {"step", "epoch", "loss", "lr", "grad_norm", "samples_per_s", "time"} <= row.keys()
+        assert row["samples_per_s"] > 0 and math.isfinite(row["loss"])
+    assert [r["step"] for r in val_rows] == [10, 20, 25]  # every 10 steps and at the end
+    assert all({"val_loss", "accuracy"} <= r.keys() for r in val_rows)
+    # Not a terminal: one plain line per logging step, one per validation.
+    assert sum(line.startswith("step=") for line in proc.stdout.splitlines()) == 5
+    assert sum(line.startswith("[val]") for line in proc.stdout.splitlines()) == 3
+
+
+def test_same_config_twice_gives_identical_losses(tmp_path):
+    for name in ("a", "b"):
+        cfg = write_config(tmp_path / f"{name}.yaml", digits_config(tmp_path / name, data={"num_workers": 1}))
+        check(run(["run", cfg]))
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adam", "adamw"])
+def test_each_optimizer_trains(tmp_path, optim):
+    cfg = write_config(tmp_path / "c.yaml", digits_config(
+        tmp_path / "run", optim={"name": optim, "lr": 0.3 if optim == "sgd" else 1e-2},
+        train={"max_steps": 60, "log_every_steps": 60}))
+    check(run(["run", cfg]))
+    first = torch.log(torch.tensor(10.0)).item()  # the loss of a uniform guess
+    assert losses(tmp_path / "run")[-1] < 0.7 * first
+
+
+def test_schedules():
+    const = lr_factor(ScheduleConfig(decay="constant"), 100)
+    assert [const(s) for s in (0, 50, 99)] == [1.0, 1.0, 1.0]
+    warm = lr_factor(ScheduleConfig(warmup_steps=10, decay="constant"), 100)
+    assert warm(0) == pytest.approx(0.1) and warm(4) == pytest.approx(0.5) and warm(10) == 1.0
+    cos = lr_factor(ScheduleConfig(warmup_steps=10, decay="cosine"), 110)
+    assert cos(10) == 1.0 and cos(60) == pytest.approx(0.5) and cos(110) == pytest.approx(0.0)
+    lin = lr_factor(ScheduleConfig(decay="linear", min_lr_ratio=0.1), 100)
+    assert lin(0) == 1.0 and lin(50) == pytest.approx(0.55) and lin(100) == pytest.approx(0.1)
+
+
+def test_logged_lr_follows_the_schedule(tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", digits_config(
+        tmp_path / "run", schedule={"warmup_steps": 4, "decay": "linear"}, optim={"name": "adamw", "lr": 0.01}))
+    check(run(["run", cfg]))
+    lrs = [r["lr"] for r in metrics(tmp_path / "run")[0]]
+    factor = lr_factor(ScheduleConfig(warmup_steps=4, decay="linear"), 20)
+    assert lrs == pytest.approx([0.01 * factor(s) for s in range(20)])
+
+
+def test_gradient_clipping_bounds_the_update(tmp_path):
+    """With SGD without momentum, a clipped step moves the weights by exactly lr * max_norm."""
+    cfg = write_config(tmp_path / "c.yaml", digits_config(
+        tmp_path / "run", optim={"name": "sgd", "lr": 1.0, "momentum": 0.0},
+        train={"max_steps": 1, "grad_clip": 1e-3}))
+    trainer = Trainer(load_config(cfg), DistEnv("single"), torch.device("cpu"))
+    before = [p.detach().clone() for p in trainer.strategy.model.parameters()]
+    trainer.fit()
+    moved = torch.sqrt(sum(((p - b) ** 2).sum() for p, b in zip(trainer.strategy.model.parameters(), before)))
+    grad_norm = metrics(tmp_path / "run")[0][0]["grad_norm"]
+    assert grad_norm > 1e-2  # the unclipped norm is logged
+    assert moved.item() == pytest.approx(1e-3, rel=1e-4)
+
+
+def test_accumulation_must_divide(tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", digits_config(tmp_path / "run", train={"micro_batch_size": 24}))
+    proc = run(["run", cfg])
+    assert proc.returncode == 2
+    assert "micro_batch_size" in proc.stderr and "[1, 2, 4, 8, 16, 32, 64]" in proc.stderr
+
+
+def test_parity_with_a_hand_written_loop(tmp_path):
+    """300 steps of launcher and of the plain loop, same seed and data order: equal weights."""
+    steps, batch, lr = 300, 32, 0.05
+    cfg = write_config(tmp_path / "c.yaml", digits_config(
+        tmp_path / "run", recipe={"name": "recipes.digits", "hidden": 32},
+        train={"global_batch_size": batch, "micro_batch_size": batch, "max_steps": steps, "log_every_steps": 100},
+        optim={"name": "sgd", "lr": lr, "momentum": 0.9}))
+    trainer = Trainer(load_config(cfg), DistEnv("single"), torch.device("cpu"))
+    trainer.fit()
+
+    from recipes import digits
+
+    recipe_cfg = digits.Config(hidden=32)
+    train_set, _ = digits.data(recipe_cfg)
+    torch.manual_seed(0)
+    model = digits.model(recipe_cfg)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    x_all, y_all = train_set.tensors
+    step, epoch, per_epoch = 0, 0, len(train_set) // batch
+    while step < steps:
+        order = epoch_permutation(len(train_set), seed=0, epoch=epoch, shuffle=True)
+        for k in range(min(per_epoch, steps - step)):
+            idx = order[k * batch:(k + 1) * batch]
+            loss = torch.nn.functional.cross_entropy(model(x_all[idx]), y_all[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+        epoch += 1
+
+    launched = dict(trainer.strategy.model.named_parameters())
+    for name, p in model.named_parameters():
+        assert torch.equal(launched[name], p), name
