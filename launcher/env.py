@@ -59,7 +59,8 @@ def detect(environ: dict[str, str] | None = None) -> DistEnv:
             rank=int(env["SLURM_PROCID"]),
             world_size=ntasks,
             local_rank=int(env.get("SLURM_LOCALID", 0)),
-            local_world_size=int(env.get("SLURM_NTASKS_PER_NODE", ntasks // nodes).split("(")[0]),
+            # SLURM_NTASKS_PER_NODE may read "4(x2)": 4 tasks on each of 2 nodes.
+            local_world_size=int(env.get("SLURM_NTASKS_PER_NODE", str(ntasks // nodes)).split("(")[0]),
             node_rank=int(env.get("SLURM_NODEID", 0)),
             master_addr=env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
             master_port=int(env.get("MASTER_PORT") or slurm_port(env.get("SLURM_JOB_ID", "0"))),
