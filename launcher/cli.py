@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def check_inputs(cfg: Config, world_size: int, origin: str):
     """Everything about the input that can be wrong, checked once in the launching process."""
+    from .checkpoint import is_complete
     from .recipe import Recipe
     from .strategies import resolve_name
     from .trainer import batch_plan
@@ -110,6 +111,10 @@ def check_inputs(cfg: Config, world_size: int, origin: str):
                               f"pip install 'launcher[{module}]' (or pip install {module})")
     if cfg.deepspeed.config and strategy == "deepspeed" and not Path(cfg.deepspeed.config).is_file():
         raise ConfigError(f"deepspeed.config={cfg.deepspeed.config}: no such file")
+    resume = cfg.checkpoint.resume
+    if resume not in ("auto", "never") and not is_complete(Path(resume)):
+        raise ConfigError(f"checkpoint.resume={resume} is not a complete checkpoint (a checkpoints/step_NNNNNN "
+                          "directory with meta.json in it); use auto, never, or such a directory")
     check_writable(Path(cfg.run_dir))
     return recipe
 
@@ -149,7 +154,7 @@ def run_worker(cfg: Config, env) -> int:
     from torch.distributed.elastic.multiprocessing.errors import record
 
     from . import env as env_mod
-    from .trainer import STOPPED_BY_SIGNAL, Stopped, train
+    from .trainer import STOPPED_BY_SIGNAL, NonFiniteError, Stopped, train
 
     device = env_mod.device_for(env)
     env_mod.init_process_group(env, device, cfg.dist.timeout_s)
@@ -160,6 +165,9 @@ def run_worker(cfg: Config, env) -> int:
 
     try:
         work()
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except Stopped:
         if env.is_main:
             print(f"stopped by a signal; checkpoint saved in {cfg.run_dir}/checkpoints. Run the same command to resume.",

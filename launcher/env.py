@@ -96,18 +96,30 @@ def init_process_group(env: DistEnv, device: torch.device, timeout_s: float) -> 
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    # env:// rather than tcp://: under torchrun the store already runs in the agent
-    # (TORCHELASTIC_USE_AGENT_STORE) and workers must join it, not host a new one.
-    os.environ.update(
-        MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port),
-        RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
-    )
+    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank))
     dist.init_process_group(
         backend="nccl" if device.type == "cuda" else "gloo",
-        init_method="env://",
+        store=rendezvous_store(env, timeout_s),
+        rank=env.rank,
+        world_size=env.world_size,
         timeout=timedelta(seconds=timeout_s),
         device_id=device if device.type == "cuda" else None,
     )
+
+
+def rendezvous_store(env: DistEnv, timeout_s: float) -> dist.Store:
+    """The key-value store the ranks meet in.
+
+    Under torchrun the agent hosts it (TORCHELASTIC_USE_AGENT_STORE) and keeps it
+    across restarts of the worker group, so each attempt gets a prefix of its own:
+    otherwise restarted workers read the dead workers' addresses and fail to connect.
+    Elsewhere (srun) rank 0 hosts it.
+    """
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(env.master_addr, env.master_port, world_size=env.world_size,
+                          is_master=env.rank == 0 and not agent_hosts, timeout=timedelta(seconds=timeout_s))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"launcher/attempt_{attempt}", store)
 
 
 def destroy_process_group() -> None:

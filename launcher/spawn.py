@@ -19,13 +19,15 @@ def torchrun_args(worker_argv: list[str], nproc: int, nnodes: int, node_rank: in
 def spawn(worker_argv: list[str], **options) -> int:
     """Start the workers and wait. Returns the exit code for the launcher.
 
-    If every failed worker exited with 2 (bad input found inside a worker, e.g. a
-    data set smaller than one global batch) the launcher exits with 2 too.
+    If the workers that exited on their own all exited with 2 (bad input found
+    inside a worker, e.g. a data set smaller than one global batch) or all with 3
+    (stopped by a signal after a checkpoint), the launcher exits with that code too.
+    Workers the agent terminated after the first exit have negative codes.
     """
     args = get_args_parser().parse_args(torchrun_args(worker_argv, **options))
     try:
         run(args)
     except ChildFailedError as e:
-        codes = {failure.exitcode for failure in e.failures.values()}
-        return 2 if codes == {2} else (3 if codes == {3} else 1)
+        codes = {failure.exitcode for failure in e.failures.values() if failure.exitcode > 0}
+        return codes.pop() if codes in ({2}, {3}) else 1
     return 0

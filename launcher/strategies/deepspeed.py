@@ -49,11 +49,13 @@ import copy
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..config import ConfigError
 from .base import OptimizerFactory, Strategy
 from .fsdp import ensure_process_group
 
@@ -69,6 +71,9 @@ def import_deepspeed():
 
     if "DEEPSPEED_LOG_LEVEL" not in os.environ:
         deepspeed.utils.logger.setLevel(logging.WARNING)  # its INFO lines would drown the launcher's
+    # DeepSpeed calls collectives torch has renamed, once per layer and step: not the user's concern.
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
     return deepspeed
 
 
@@ -129,7 +134,7 @@ class DeepSpeedStrategy(Strategy):
             clash = {k: (config[k], ours) for k, ours in zip(BATCH_KEYS, (plan.global_batch, plan.micro_batch,
                                                                           plan.accumulation)) if config[k] != ours}
             if clash:
-                raise ValueError(
+                raise ConfigError(
                     f"deepspeed.config={ds.config} sets {', '.join(f'{k}={v[0]}' for k, v in clash.items())}, but the "
                     f"launcher's batch plan needs {', '.join(f'{k}={v[1]}' for k, v in clash.items())}: remove these "
                     "keys from the JSON and set train.global_batch_size / train.micro_batch_size instead"
@@ -141,15 +146,18 @@ class DeepSpeedStrategy(Strategy):
         config = self.ds_config()
         self.zero_stage = int(config["zero_optimization"].get("stage", 0))
         if self.zero_stage == 0 and self.precision.name != "fp32":
-            raise ValueError(
+            raise ConfigError(
                 f"deepspeed.zero_stage=0 with precision={self.precision.name} is not supported: DeepSpeed's "
                 "stage-0 bf16/fp16 optimizers keep gradients where the launcher cannot scale them exactly. "
                 "Use strategy=ddp (the same math without sharding) or deepspeed.zero_stage>=1"
             )
         if self.cfg.deepspeed.offload_params and self.zero_stage != 3:
-            raise ValueError("deepspeed.offload_params needs deepspeed.zero_stage=3 (only stage 3 partitions "
+            raise ConfigError("deepspeed.offload_params needs deepspeed.zero_stage=3 (only stage 3 partitions "
                              "the parameters): set zero_stage=3 or offload_params=false")
         ensure_process_group(self.device)
+        for key, value in (("LOCAL_RANK", self.env.local_rank), ("RANK", self.env.rank),
+                           ("WORLD_SIZE", self.env.world_size)):
+            os.environ.setdefault(key, str(value))  # DeepSpeed reads these; a plain one-process run lacks them
         model = model.to(self.device)
         optimizer = make_optimizer(model)  # over the plain module's parameters, before DeepSpeed wraps them
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
@@ -254,6 +262,14 @@ class DeepSpeedStrategy(Strategy):
 
     def load_checkpoint(self, path) -> None:
         path = Path(path)
+        saved_ranks = len(list(path.glob("*zero_pp_rank_*_optim_states.pt")))
+        world = self.engine.dp_world_size
+        if saved_ranks and saved_ranks != world:
+            raise ConfigError(
+                f"{path} is a DeepSpeed ZeRO checkpoint of {saved_ranks} ranks, and DeepSpeed cannot re-partition "
+                f"its optimizer state for {world}: resume with {saved_ranks} processes (--nproc {saved_ranks}), "
+                "or start afresh with checkpoint.resume=never"
+            )
         loaded, _ = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True,
                                                 load_optimizer_states=True, load_lr_scheduler_states=False)
         if loaded is None:
@@ -268,8 +284,8 @@ class DeepSpeedStrategy(Strategy):
         from there. Parameters outside the optimizer (frozen ones) come from the module itself,
         gathered under ZeRO-3 (with bf16/fp16 they are the low-precision copy, widened).
         """
+        deepspeed = import_deepspeed()
         from deepspeed.utils import safe_get_full_fp32_param
-        from deepspeed.zero import GatheredParameters
 
         module = self.engine.module
         entries = module.state_dict(keep_vars=True)
@@ -283,7 +299,7 @@ class DeepSpeedStrategy(Strategy):
                 value = safe_get_full_fp32_param(tensor)  # collective; the same order on every rank
             if value is None:
                 if hasattr(tensor, "ds_id"):  # a ZeRO-3 parameter outside the optimizer
-                    with GatheredParameters([tensor]):
+                    with deepspeed.zero.GatheredParameters([tensor]):
                         value = tensor.detach().clone()
                 else:  # ZeRO 0-2: every rank holds the full (fp32 with fp32 training) parameter
                     value = tensor.detach()

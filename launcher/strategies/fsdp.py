@@ -10,6 +10,12 @@ the sharded parameters, so its state is sharded too.
 
 The loss normalisation of the trainer holds unchanged: FSDP's reduce-scatter
 averages the gradients over the W ranks, as DDP's all-reduce does.
+
+Precision: bf16 / fp16 become FSDP's MixedPrecisionPolicy (low-precision compute
+and all-gather, fp32 reduce-scatter, fp32 sharded master weights and optimizer
+state). fp16 keeps the trainer's torch.amp.GradScaler: its unscale_ works on
+DTensor gradients and reduces the found-inf flag over the ranks, so every rank
+skips the same steps.
 """
 from __future__ import annotations
 
@@ -99,10 +105,10 @@ class FSDPStrategy(Strategy):
         norm = torch.nn.utils.get_total_norm(grads, foreach=True)
         if hasattr(norm, "full_tensor"):  # a DTensor holding partial sums of squares: reduce it
             norm = norm.full_tensor()
-        if max_norm:
+        if max_norm:  # torch.nn.utils.clip_grad_norm_'s rule, applied to each rank's shards
             coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
             torch._foreach_mul_([local_tensor(g) for g in grads], coef.to(grads[0].dtype))
-        return norm
+        return norm.to(self.device)  # with cpu_offload the gradients, and so the norm, live on the CPU
 
 
 def default_shard_units(model: nn.Module) -> list[nn.Module]:
