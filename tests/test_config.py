@@ -103,3 +103,27 @@ def test_shipped_configs_validate():
         cfg = load_config(path)
         assert cfg.recipe_name.startswith("recipes."), path
         assert yaml.safe_load(path.read_text())  # and they are plain YAML
+
+
+@pytest.mark.parametrize("override, module", [("log.wandb.project=demo", "wandb"), ("log.tensorboard=true", "tensorboard"),
+                                              ("strategy=deepspeed", "deepspeed")])
+def test_missing_optional_dependency_names_the_extra(tmp_path, monkeypatch, override, module):
+    import importlib.util
+
+    from launcher import cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
+    cfg = load_config(write_config(tmp_path / "c.yaml", {"recipe": {"name": "recipes.digits"},
+                                                         "run_dir": str(tmp_path / "r")}), [override])
+    with pytest.raises(ConfigError) as e:
+        cli.check_inputs(cfg, 2, "c.yaml")
+    assert f"pip install 'launcher[{module}]'" in str(e.value)
+
+
+def test_plan_prints_batch_math_and_memory(tmp_path):
+    proc = run(["plan", ROOT / "configs" / "digits.yaml", "--nproc", 2, "train.micro_batch_size=16",
+                f"run_dir={tmp_path / 'r'}"])
+    assert proc.returncode == 0, proc.stderr
+    assert "global 64 = micro 16 x world 2 x accumulation 2" in proc.stdout
+    assert "parameters: 26,122" in proc.stdout and "memory per rank" in proc.stdout
