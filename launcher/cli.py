@@ -109,8 +109,12 @@ def check_inputs(cfg: Config, world_size: int, origin: str):
         if needed and importlib.util.find_spec(module) is None:
             raise ConfigError(f"{module} is not installed, but the config asks for it: "
                               f"pip install 'launcher[{module}]' (or pip install {module})")
-    if cfg.deepspeed.config and strategy == "deepspeed" and not Path(cfg.deepspeed.config).is_file():
-        raise ConfigError(f"deepspeed.config={cfg.deepspeed.config}: no such file")
+    if strategy == "deepspeed":
+        if cfg.deepspeed.config and not Path(cfg.deepspeed.config).is_file():
+            raise ConfigError(f"deepspeed.config={cfg.deepspeed.config}: no such file")
+        from .strategies.deepspeed import ds_config
+
+        ds_config(cfg, batch_plan(cfg, world_size), cuda=False)  # raises for what DeepSpeed cannot run
     resume = cfg.checkpoint.resume
     if resume not in ("auto", "never") and not is_complete(Path(resume)):
         raise ConfigError(f"checkpoint.resume={resume} is not a complete checkpoint (a checkpoints/step_NNNNNN "

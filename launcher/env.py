@@ -122,6 +122,16 @@ def rendezvous_store(env: DistEnv, timeout_s: float) -> dist.Store:
     return dist.PrefixStore(f"launcher/attempt_{attempt}", store)
 
 
+def ensure_process_group(device: torch.device) -> None:
+    """FSDP and DeepSpeed need a process group even for one process: join a private one of size 1."""
+    if dist.is_initialized():
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # init_process_group joins the real group first
+        raise RuntimeError("a distributed run reached the strategy before its process group was initialised")
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(),
+                            rank=0, world_size=1, device_id=device if device.type == "cuda" else None)
+
+
 def destroy_process_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

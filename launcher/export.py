@@ -62,9 +62,20 @@ def dcp_full_state(ckpt: Path, model: torch.nn.Module) -> dict[str, torch.Tensor
 
 
 def deepspeed_full_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The module's state as DeepSpeed saved it (buffers, and under ZeRO 0-2 the full
+    parameters), overridden by the fp32 master weights zero_to_fp32 gathers from
+    the ZeRO partitions (stages 1-3; stage 0 has none)."""
+    from .strategies.deepspeed import import_deepspeed
+
+    import_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    # mp_rank_00_model_states.pt, or under ZeRO-3 one per rank (zero_pp_rank_0_mp_rank_00_...)
+    states_file = sorted(ckpt.glob("*mp_rank_00_model_states.pt"))[0]
+    state = torch.load(states_file, map_location="cpu", weights_only=False)["module"]
+    if any(ckpt.glob("*zero_pp_rank_*_optim_states.pt")):
+        state.update(get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name))
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
 def write_safetensors(state: dict[str, torch.Tensor], out: Path) -> Path:

@@ -164,11 +164,11 @@ class Recipe:
     def collate(self):
         return getattr(self.module, "collate", None)
 
-    def shard_units(self, model: nn.Module) -> list[nn.Module]:
+    @property
+    def shard_units(self) -> Callable[[nn.Module], list[nn.Module]] | None:
+        """The recipe's shard_units(model), or None for the strategy's default."""
         fn = getattr(self.module, "shard_units", None)
-        if fn is not None:
-            return list(fn(unwrap_lightning(model)))
-        return [child for m in model.modules() if isinstance(m, nn.ModuleList) for child in m]
+        return (lambda model: list(fn(unwrap_lightning(model)))) if fn else None
 
     def per_sample(self, what: str) -> float | None:
         fn = getattr(self.module, what, None)

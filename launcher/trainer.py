@@ -204,7 +204,9 @@ class Trainer:
             den = torch.ones((), device=self.device)
         grad_norm = strategy.clip_grad_norm(self.cfg.train.grad_clip)
         lr = strategy.optimizer.param_groups[0]["lr"]
-        if self.precision.scaler is None and not torch.isfinite(grad_norm):  # the one host sync a step
+        # fp16 overflows are the loss scaler's (torch's or DeepSpeed's) to skip; otherwise a
+        # non-finite norm is a real problem. The one host sync a step.
+        if self.precision.name != "fp16" and not torch.isfinite(grad_norm):
             if self.cfg.train.on_nonfinite == "stop":
                 raise NonFiniteError(
                     f"non-finite gradient (norm {grad_norm.item()}) at step {self.step + 1}; the last good "
@@ -332,7 +334,9 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
 
 
 def train(cfg: Config, env: DistEnv, device: torch.device) -> None:
-    Trainer(cfg, env, device).fit()
+    trainer = Trainer(cfg, env, device)
+    trainer.fit()
+    trainer.strategy.close()
 
 
 __all__ = ["Trainer", "train", "batch_plan", "NonFiniteError", "Stopped", "STOPPED_BY_SIGNAL", "RecipeError"]

@@ -29,7 +29,7 @@ class Strategy:
     def __init__(self, cfg, env, device: torch.device, precision: Precision, plan=None,
                  shard_units: Callable[[nn.Module], list[nn.Module]] | None = None):
         self.cfg, self.env, self.device, self.precision = cfg, env, device, precision
-        self.plan, self.shard_units = plan, shard_units
+        self.plan, self.shard_units = plan, shard_units or default_shard_units
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self._checkpoint_group = None
@@ -126,6 +126,9 @@ class Strategy:
             dcp.load(state, checkpoint_id=str(path))
         self.load_state_dict(state)
 
+    def close(self) -> None:
+        """Release what the strategy holds before the process group goes (DeepSpeed's engine)."""
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full, unsharded weights on CPU (a collective; meaningful on rank 0)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -138,6 +141,11 @@ class Strategy:
         optim = sum(local_tensor(v).numel() for s in self.optimizer.state.values()
                     for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
         return {"params": params, "optim": optim}
+
+
+def default_shard_units(model: nn.Module) -> list[nn.Module]:
+    """FSDP's units when the recipe names none: the children of every nn.ModuleList."""
+    return [child for m in model.modules() if isinstance(m, nn.ModuleList) for child in m]
 
 
 @contextlib.contextmanager

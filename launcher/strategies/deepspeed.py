@@ -56,8 +56,8 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
+from ..env import ensure_process_group
 from .base import OptimizerFactory, Strategy
-from .fsdp import ensure_process_group
 
 # Keys whose values come from the launcher's batch plan; a user JSON may not contradict them.
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
@@ -69,11 +69,11 @@ def import_deepspeed():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
-    if "DEEPSPEED_LOG_LEVEL" not in os.environ:
-        deepspeed.utils.logger.setLevel(logging.WARNING)  # its INFO lines would drown the launcher's
+    deepspeed.utils.logger.setLevel(logging.WARNING)  # its INFO lines would drown the launcher's
     # DeepSpeed calls collectives torch has renamed, once per layer and step: not the user's concern.
-    warnings.filterwarnings("ignore", category=FutureWarning,
-                            message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
+    warnings.filterwarnings(
+        "ignore", category=FutureWarning,
+        message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
     return deepspeed
 
 
@@ -86,6 +86,58 @@ def deep_merge(base: dict, override: dict) -> dict:
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+def ds_config(cfg, plan, cuda: bool) -> dict:
+    """DeepSpeed's config from ours, then the user's JSON (deepspeed.config) merged over it.
+
+    Raises ConfigError for combinations DeepSpeed or the launcher cannot run; cli.py
+    calls this before any worker starts.
+    """
+    ds = cfg.deepspeed
+    zero: dict = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cuda}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": cuda}
+    config = {
+        "train_batch_size": plan.global_batch,
+        "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "gradient_accumulation_steps": plan.accumulation,
+        # Stage 0 clips in clip_grad_norm (torch), ZeRO inside its step.
+        "gradient_clipping": float(cfg.train.grad_clip or 0.0) if ds.zero_stage > 0 else 0.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "fp16": {"enabled": cfg.precision == "fp16"},
+        # The launcher's (torch) optimizer, also with optimizer offload (slower than DeepSpeedCPUAdam,
+        # but the same math as every other strategy).
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**62,  # the launcher logs; DeepSpeed's own progress lines are noise
+        "wall_clock_breakdown": False,
+    }
+    if ds.config:
+        user = json.loads(Path(ds.config).read_text())
+        config = deep_merge(config, user)
+        clash = {k: (config[k], ours) for k, ours in zip(BATCH_KEYS, (plan.global_batch, plan.micro_batch,
+                                                                      plan.accumulation)) if config[k] != ours}
+        if clash:
+            raise ConfigError(
+                f"deepspeed.config={ds.config} sets {', '.join(f'{k}={v[0]}' for k, v in clash.items())}, but the "
+                f"launcher's batch plan needs {', '.join(f'{k}={v[1]}' for k, v in clash.items())}: remove these "
+                "keys from the JSON and set train.global_batch_size / train.micro_batch_size instead"
+            )
+    stage = int(config["zero_optimization"].get("stage", 0))
+    if stage == 0 and cfg.precision != "fp32":
+        raise ConfigError(
+            f"deepspeed.zero_stage=0 with precision={cfg.precision} is not supported: DeepSpeed's "
+            "stage-0 bf16/fp16 optimizers keep gradients where the launcher cannot scale them exactly. "
+            "Use strategy=ddp (the same math without sharding) or deepspeed.zero_stage>=1"
+        )
+    if ds.offload_params and stage != 3:
+        raise ConfigError("deepspeed.offload_params needs deepspeed.zero_stage=3 (only stage 3 partitions "
+                          "the parameters): set zero_stage=3 or offload_params=false")
+    return config
 
 
 class DeepSpeedStrategy(Strategy):
@@ -101,59 +153,10 @@ class DeepSpeedStrategy(Strategy):
 
     # ------------------------------------------------------------ set-up
 
-    def ds_config(self) -> dict:
-        """DeepSpeed's config from ours, then the user's JSON (deepspeed.config) merged over it."""
-        cfg, plan, ds = self.cfg, self.plan, self.cfg.deepspeed
-        if plan is None:
-            raise ValueError("the DeepSpeed strategy needs the batch plan (global, micro batch, accumulation)")
-        cuda = self.device.type == "cuda"
-        zero: dict = {"stage": ds.zero_stage}
-        if ds.offload_optimizer:
-            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cuda}
-        if ds.offload_params:
-            zero["offload_param"] = {"device": "cpu", "pin_memory": cuda}
-        config = {
-            "train_batch_size": plan.global_batch,
-            "train_micro_batch_size_per_gpu": plan.micro_batch,
-            "gradient_accumulation_steps": plan.accumulation,
-            # Stage 0 clips in clip_grad_norm (torch), ZeRO inside its step.
-            "gradient_clipping": float(cfg.train.grad_clip or 0.0) if ds.zero_stage > 0 else 0.0,
-            "zero_optimization": zero,
-            "bf16": {"enabled": self.precision.name == "bf16"},
-            "fp16": {"enabled": self.precision.name == "fp16"},
-            # The launcher's (torch) optimizer, also with optimizer offload (slower than DeepSpeedCPUAdam,
-            # but the same math as every other strategy).
-            "zero_allow_untested_optimizer": True,
-            "zero_force_ds_cpu_optimizer": False,
-            "steps_per_print": 2**62,  # the launcher logs; DeepSpeed's own progress lines are noise
-            "wall_clock_breakdown": False,
-        }
-        if ds.config:
-            user = json.loads(Path(ds.config).read_text())
-            config = deep_merge(config, user)
-            clash = {k: (config[k], ours) for k, ours in zip(BATCH_KEYS, (plan.global_batch, plan.micro_batch,
-                                                                          plan.accumulation)) if config[k] != ours}
-            if clash:
-                raise ConfigError(
-                    f"deepspeed.config={ds.config} sets {', '.join(f'{k}={v[0]}' for k, v in clash.items())}, but the "
-                    f"launcher's batch plan needs {', '.join(f'{k}={v[1]}' for k, v in clash.items())}: remove these "
-                    "keys from the JSON and set train.global_batch_size / train.micro_batch_size instead"
-                )
-        return config
-
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
         deepspeed = import_deepspeed()
-        config = self.ds_config()
+        config = ds_config(self.cfg, self.plan, cuda=self.device.type == "cuda")
         self.zero_stage = int(config["zero_optimization"].get("stage", 0))
-        if self.zero_stage == 0 and self.precision.name != "fp32":
-            raise ConfigError(
-                f"deepspeed.zero_stage=0 with precision={self.precision.name} is not supported: DeepSpeed's "
-                "stage-0 bf16/fp16 optimizers keep gradients where the launcher cannot scale them exactly. "
-                "Use strategy=ddp (the same math without sharding) or deepspeed.zero_stage>=1"
-            )
-        if self.cfg.deepspeed.offload_params and self.zero_stage != 3:
-            raise ConfigError("deepspeed.offload_params needs deepspeed.zero_stage=3 (only stage 3 partitions "
-                             "the parameters): set zero_stage=3 or offload_params=false")
         ensure_process_group(self.device)
         for key, value in (("LOCAL_RANK", self.env.local_rank), ("RANK", self.env.rank),
                            ("WORLD_SIZE", self.env.world_size)):
@@ -312,6 +315,9 @@ class DeepSpeedStrategy(Strategy):
                 value = value.cpu().clone()
             out[name] = value
         return out
+
+    def close(self) -> None:
+        self.engine.destroy()  # its hooks and buffers, before the process group is destroyed
 
     def local_numel(self) -> dict[str, int]:
         """Elements this rank holds: the module's parameters (its partition under ZeRO-3) and the

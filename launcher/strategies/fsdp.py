@@ -20,23 +20,13 @@ skips the same steps.
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..env import ensure_process_group
 from .base import Strategy, local_tensor
-
-
-def ensure_process_group(device: torch.device) -> None:
-    """FSDP and DeepSpeed need a process group even for one process: join a private one of size 1."""
-    if dist.is_initialized():
-        return
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # pragma: no cover - env.py joins the real group first
-        raise RuntimeError("a distributed run reached the strategy before its process group was initialised")
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(),
-                            rank=0, world_size=1, device_id=device if device.type == "cuda" else None)
 
 
 class FSDPStrategy(Strategy):
@@ -56,8 +46,7 @@ class FSDPStrategy(Strategy):
             offload_policy=(CPUOffloadPolicy(pin_memory=self.device.type == "cuda") if self.cfg.fsdp.cpu_offload
                             else OffloadPolicy()),
         )
-        units = self.shard_units(model) if self.shard_units is not None else default_shard_units(model)
-        for unit in units:
+        for unit in self.shard_units(model):
             if unit is not model:
                 fully_shard(unit, **options)
         fully_shard(model, **options)
@@ -109,7 +98,3 @@ class FSDPStrategy(Strategy):
             coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
             torch._foreach_mul_([local_tensor(g) for g in grads], coef.to(grads[0].dtype))
         return norm.to(self.device)  # with cpu_offload the gradients, and so the norm, live on the CPU
-
-
-def default_shard_units(model: nn.Module) -> list[nn.Module]:
-    return [child for m in model.modules() if isinstance(m, nn.ModuleList) for child in m]
