@@ -154,7 +154,8 @@ class Trainer:
             self.loader.sampler.set_epoch(epoch, start)
             batches = iter(self.loader)
             for _ in range(start, plan.steps_per_epoch):
-                micro = [data_mod.to_device(next(batches), self.device) for _ in range(plan.accumulation)]
+                # Lazily: one micro-batch on the device at a time.
+                micro = (data_mod.to_device(next(batches), self.device) for _ in range(plan.accumulation))
                 out = self.train_step(micro)
                 self.step += 1
                 window_steps += 1
@@ -177,8 +178,8 @@ class Trainer:
                     break
         self.evaluate(max(0, self.step - 1) // plan.steps_per_epoch)
 
-    def train_step(self, micro_batches: list) -> StepOutput:
-        strategy, A = self.strategy, len(micro_batches)
+    def train_step(self, micro_batches) -> StepOutput:
+        strategy, A = self.strategy, self.plan.accumulation
         pair = False
         num = torch.zeros((), device=self.device)
         den = torch.zeros((), device=self.device)
