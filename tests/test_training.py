@@ -139,3 +139,12 @@ def test_parity_with_a_hand_written_loop(tmp_path):
     launched = dict(trainer.strategy.model.named_parameters())
     for name, p in model.named_parameters():
         assert torch.equal(launched[name], p), name
+
+
+def test_progress_bar_shows_loss_rate_and_eta(tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", digits_config(tmp_path / "run", log={"progress": "bar"}))
+    proc = check(run(["run", cfg]))
+    last = proc.stderr.replace("\r", "\n").strip().splitlines()
+    bar = next(line for line in reversed(last) if "20/20" in line)
+    assert "loss=" in bar and "samples_s=" in bar and "<" in bar  # tqdm's [elapsed<remaining]
+    assert not any(line.startswith("step=") for line in proc.stdout.splitlines())  # the bar replaces the lines
