@@ -174,11 +174,6 @@ class Recipe:
         fn = getattr(self.module, what, None)
         return float(fn(self.cfg)) if fn else None
 
-    @property
-    def description(self) -> str:
-        doc = (self.module.__doc__ or "").strip()
-        return doc.splitlines()[0] if doc else ""
-
 
 class RecipeError(ConfigError):
     """The recipe broke its contract or raised while building model or data."""

@@ -32,7 +32,7 @@ from .env import DistEnv
 from .loggers import Loggers
 from .optim import build_optimizer, build_scheduler
 from .precision import Precision
-from .recipe import Recipe, RecipeError
+from .recipe import Recipe
 from .strategies import resolve_name, strategy_class
 
 STOPPED_BY_SIGNAL = 3  # exit code: a stop signal arrived, a checkpoint was saved; rerun to resume
@@ -339,5 +339,3 @@ def train(cfg: Config, env: DistEnv, device: torch.device) -> None:
     trainer.fit()
     trainer.strategy.close()
 
-
-__all__ = ["Trainer", "train", "batch_plan", "NonFiniteError", "Stopped", "STOPPED_BY_SIGNAL", "RecipeError"]

@@ -70,8 +70,9 @@ class Strategy:
         """Unscale (fp16), clip if max_norm is set, and return the total norm."""
         if self.precision.scaler:
             self.precision.scaler.unscale_(self.optimizer)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"), foreach=True)
+        if max_norm:
+            return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
+        return torch.nn.utils.get_total_norm(self.grads(), foreach=True)  # for the log and the finite check
 
     def step(self) -> bool:
         scaler = self.precision.scaler
