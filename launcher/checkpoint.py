@@ -21,6 +21,7 @@ import random
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +93,7 @@ class Checkpointer:
         self.dir = run_dir / "checkpoints"
         self.cfg, self.rank = cfg, rank
         self.pending = None  # an async save in flight: (future, finalize)
+        self.last_saved_step: int | None = None
 
     # ------------------------------------------------------------ save
 
@@ -99,9 +101,10 @@ class Checkpointer:
         """Every rank calls this at the same step. Returns once this rank's part is
         written (sync) or staged (async)."""
         self.wait()  # one save in flight at a time
-        final = self.dir / step_dir_name(step)
-        if final.exists():  # already saved at this step (e.g. the end right after an every_steps save)
+        if step == self.last_saved_step:  # e.g. the end, right after an every_steps save
             return
+        self.last_saved_step = step
+        final = self.dir / step_dir_name(step)
         tmp = self.dir / (final.name + ".tmp")
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # the remains of a save cut off earlier
@@ -116,6 +119,8 @@ class Checkpointer:
             if self.rank != 0:
                 return
             write_atomic(tmp / "meta.json", json.dumps(meta))
+            if final.exists():  # a later checkpoint of an abandoned timeline (resumed from an earlier one)
+                shutil.rmtree(final)
             os.replace(tmp, final)
             write_atomic(self.dir / "latest", final.name)
             self.prune()
@@ -149,6 +154,12 @@ class Checkpointer:
                 shutil.rmtree(path, ignore_errors=True)
 
     # ------------------------------------------------------------ resume
+
+    def set_aside(self) -> None:
+        """A fresh start: move an earlier run's checkpoints out of the way (never delete them),
+        so that neither `latest` nor pruning mixes the two runs."""
+        if self.rank == 0 and self.dir.is_dir() and any(self.dir.iterdir()):
+            self.dir.rename(self.dir.with_name(f"checkpoints.{int(time.time())}"))
 
     def resume_path(self) -> Path | None:
         """Where to resume from per checkpoint.resume: auto | never | a path."""

@@ -121,6 +121,8 @@ class Trainer:
         resume = self.checkpointer.resume_path()
         if resume is not None:
             self.restore(resume)
+        else:
+            self.checkpointer.set_aside()
         self.loggers = Loggers.for_rank(env.is_main, cfg, self.run_dir, self.total_steps, self.step,
                                         resumed=resume is not None)
         self.tokens_per_sample = self.recipe.per_sample("tokens_per_sample")
@@ -291,6 +293,7 @@ class Trainer:
             raise ConfigError(f"checkpoint.resume={path} is not a complete checkpoint (no meta.json in it)")
         meta = self.checkpointer.load(path, self.strategy)
         self.step, self.skipped_steps = meta["step"], meta["skipped_steps"]
+        self.checkpointer.last_saved_step = self.step  # that checkpoint is this state
         self.scheduler.load_state_dict(meta["scheduler"])
         if self.precision.scaler and meta.get("scaler"):
             self.precision.scaler.load_state_dict(meta["scaler"])

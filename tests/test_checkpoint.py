@@ -103,6 +103,10 @@ def test_resume_never_and_explicit_path(tmp_path):
     proc = check(run(["run", config(tmp_path, "a", train={"max_steps": 12}, checkpoint={"resume": "never"})]))
     assert "resumed" not in proc.stderr
     assert len(list((tmp_path / "a").glob("metrics.*.jsonl"))) == 1
+    # ... and so are its checkpoints: the new run's `latest` and pruning never mix the two runs.
+    aside = list((tmp_path / "a").glob("checkpoints.*"))
+    assert len(aside) == 1 and (aside[0] / "step_000012" / "meta.json").is_file()
+    assert (tmp_path / "a" / "checkpoints" / "latest").read_text() == "step_000012"
     bad = run(["run", config(tmp_path, "b", checkpoint={"resume": str(tmp_path / "nowhere")})])
     assert bad.returncode == 2 and "checkpoint.resume" in bad.stderr
 
