@@ -159,7 +159,7 @@ class Checkpointer:
         """A fresh start: move an earlier run's checkpoints out of the way (never delete them),
         so that neither `latest` nor pruning mixes the two runs."""
         if self.rank == 0 and self.dir.is_dir() and any(self.dir.iterdir()):
-            self.dir.rename(self.dir.with_name(f"checkpoints.{int(time.time())}"))
+            self.dir.rename(self.dir.with_name(f"checkpoints.{time.time_ns()}"))
 
     def resume_path(self) -> Path | None:
         """Where to resume from per checkpoint.resume: auto | never | a path."""

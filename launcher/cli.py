@@ -145,6 +145,9 @@ def cmd_run(args) -> int:
     world = args.nproc * args.nnodes if args.nproc else env.world_size
     if args.nproc is not None and args.nproc < 1:
         raise ConfigError("--nproc must be at least 1")
+    if args.nnodes > 1 and not args.rdzv_endpoint:
+        raise ConfigError(f"--nnodes {args.nnodes} needs --rdzv-endpoint HOST:PORT (the same on every node) and "
+                          "--node-rank on each node")
     check_inputs(cfg, world, args.config)
     if args.nproc:
         from .spawn import spawn

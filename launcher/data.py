@@ -63,8 +63,8 @@ class ShardedSampler(Sampler[int]):
         plan = self.plan
         perm = epoch_permutation(plan.dataset_len, self.seed, self.epoch, self.shuffle)
         used = plan.steps_per_epoch * plan.global_batch
-        if used > len(perm):  # tail: "wrap" fills the last step from the start
-            perm = torch.cat([perm, perm[: used - len(perm)]])
+        if used > len(perm):  # tail: "wrap" fills the last step from the start (again and again)
+            perm = perm.repeat(-(-used // len(perm)))
         mine = perm[:used][self.rank :: plan.world_size]
         return iter(mine[self.start_step * plan.per_rank_step :].tolist())
 

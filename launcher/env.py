@@ -59,13 +59,24 @@ def detect(environ: dict[str, str] | None = None) -> DistEnv:
             rank=int(env["SLURM_PROCID"]),
             world_size=ntasks,
             local_rank=int(env.get("SLURM_LOCALID", 0)),
-            # SLURM_NTASKS_PER_NODE may read "4(x2)": 4 tasks on each of 2 nodes.
-            local_world_size=int(env.get("SLURM_NTASKS_PER_NODE", str(ntasks // nodes)).split("(")[0]),
+            local_world_size=tasks_on_this_node(env, ntasks // nodes),
             node_rank=int(env.get("SLURM_NODEID", 0)),
             master_addr=env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
             master_port=int(env.get("MASTER_PORT") or slurm_port(env.get("SLURM_JOB_ID", "0"))),
         )
     return DistEnv(launcher="single")
+
+
+def tasks_on_this_node(env, default: int) -> int:
+    """SLURM_TASKS_PER_NODE reads "4(x2),3": 4 tasks on each of 2 nodes, then 3 on one."""
+    counts = []
+    for part in env.get("SLURM_TASKS_PER_NODE", env.get("SLURM_NTASKS_PER_NODE", "")).split(","):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if match is None:
+            return default
+        counts += [int(match.group(1))] * int(match.group(2) or 1)
+    node = int(env.get("SLURM_NODEID", 0))
+    return counts[node] if node < len(counts) else default
 
 
 def slurm_port(job_id: str) -> int:

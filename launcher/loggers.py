@@ -16,7 +16,7 @@ class JsonlLogger:
         if resume_step is not None:
             keep_rows_up_to(path, resume_step)
         elif path.exists():  # a fresh start: keep the old history beside, never overwrite it
-            path.replace(path.with_name(f"metrics.{int(time.time())}.jsonl"))
+            path.replace(path.with_name(f"metrics.{time.time_ns()}.jsonl"))
         self.file = path.open("a")
 
     def log(self, row: dict) -> None:
@@ -31,11 +31,18 @@ def keep_rows_up_to(path: Path, step: int) -> None:
     """On resume, drop the rows a crashed run wrote after its checkpoint (they are redone)."""
     if not path.exists():
         return
-    rows = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [r for r in rows if json.loads(r)["step"] <= step]
+    kept = [line for line in path.read_text().splitlines() if row_step(line) <= step]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(r + "\n" for r in kept))
     tmp.replace(path)
+
+
+def row_step(line: str) -> float:
+    """A row's step; a line cut off by a crash mid-write counts as past any checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 class ConsoleLogger:

@@ -6,13 +6,13 @@ import math
 import torch
 from torch import nn
 
-from .config import OptimConfig, ScheduleConfig
+from .config import ConfigError, OptimConfig, ScheduleConfig
 
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]  # frozen parameters stay out
     if not params:
-        raise ValueError("the model has no trainable parameters (every parameter has requires_grad=False)")
+        raise ConfigError("the recipe's model has no trainable parameters (every parameter has requires_grad=False)")
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW

@@ -1,13 +1,17 @@
 """--nproc: hand the same command to torch.distributed.run, in this process."""
 from __future__ import annotations
 
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import get_args_parser, run
 
 
 def torchrun_args(worker_argv: list[str], nproc: int, nnodes: int, node_rank: int | None,
                   rdzv_endpoint: str | None, max_restarts: int) -> list[str]:
-    args = ["--nproc-per-node", str(nproc), "--nnodes", str(nnodes), "--max-restarts", str(max_restarts)]
+    args = ["--nproc-per-node", str(nproc), "--nnodes", str(nnodes), "--max-restarts", str(max_restarts),
+            # SIGUSR1 too (SLURM's preemption warning): the agent passes it on to the workers,
+            # which checkpoint at the next step and exit 3.
+            "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"]
     if rdzv_endpoint:
         # Static rendezvous: every node names the same endpoint and its own rank.
         args += ["--rdzv-endpoint", rdzv_endpoint, "--node-rank", str(node_rank or 0)]
@@ -27,6 +31,9 @@ def spawn(worker_argv: list[str], **options) -> int:
     args = get_args_parser().parse_args(torchrun_args(worker_argv, **options))
     try:
         run(args)
+    except SignalException as e:  # the launcher itself was signalled; the workers got it too
+        print(f"launcher: {e.sigval.name} received; the workers saved a checkpoint. Run the same command to resume.")
+        return 3
     except ChildFailedError as e:
         codes = {failure.exitcode for failure in e.failures.values() if failure.exitcode > 0}
         return codes.pop() if codes in ({2}, {3}) else 1

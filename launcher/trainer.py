@@ -13,7 +13,6 @@ normalisation that makes every world size and accumulation train the same math:
 from __future__ import annotations
 
 import contextlib
-import math
 import random
 import signal
 import sys
@@ -87,6 +86,7 @@ class StepOutput:
     grad_norm: torch.Tensor
     applied: bool
     lr: float  # the rate this step used (the schedule moves on after it)
+    stop: bool  # a stop signal reached some rank: every rank stops after this step
 
 
 class Trainer:
@@ -143,6 +143,9 @@ class Trainer:
             self.train_loop()
             self.save()
             self.checkpointer.wait()
+        except NonFiniteError:
+            self.checkpointer.wait()  # an async save still in flight is the last good checkpoint
+            raise
         finally:
             restore_signal_handlers(previous)
             self.loggers.close()
@@ -172,7 +175,7 @@ class Trainer:
                     self.evaluate(epoch)
                 if self.cfg.checkpoint.every_steps and self.step % self.cfg.checkpoint.every_steps == 0:
                     self.save()
-                if self.stop_requested_everywhere():
+                if out.stop:
                     self.save()
                     self.checkpointer.wait()
                     raise Stopped()
@@ -207,9 +210,10 @@ class Trainer:
             den = torch.ones((), device=self.device)
         grad_norm = strategy.clip_grad_norm(self.cfg.train.grad_clip)
         lr = strategy.optimizer.param_groups[0]["lr"]
+        nonfinite, stop = self.step_flags(grad_norm)
         # fp16 overflows are the loss scaler's (torch's or DeepSpeed's) to skip; otherwise a
-        # non-finite norm is a real problem. The one host sync a step.
-        if self.precision.name != "fp16" and not torch.isfinite(grad_norm):
+        # non-finite norm is a real problem.
+        if nonfinite and self.precision.name != "fp16":
             if self.cfg.train.on_nonfinite == "stop":
                 raise NonFiniteError(
                     f"non-finite gradient (norm {grad_norm.item()}) at step {self.step + 1}; the last good "
@@ -217,13 +221,24 @@ class Trainer:
                 )
             strategy.zero_grad()
             self.skipped_steps += 1
-            return StepOutput(num, den, grad_norm, False, lr)
+            return StepOutput(num, den, grad_norm, False, lr, stop)
         applied = strategy.step()
         if applied:
             self.scheduler.step()
         else:
             self.skipped_steps += 1  # fp16 overflow: the scaler skipped it; the schedule waits
-        return StepOutput(num, den, grad_norm, applied, lr)
+        return StepOutput(num, den, grad_norm, applied, lr, stop)
+
+    def step_flags(self, grad_norm: torch.Tensor) -> tuple[bool, bool]:
+        """(non-finite gradient, stop requested): the one host sync a step.
+
+        The norm is the same on every rank; a stop signal may have reached one rank
+        only, so the flags are summed over the ranks and every rank stops together.
+        """
+        flags = torch.stack([~torch.isfinite(grad_norm.detach().float()),
+                             torch.tensor(self.stop_requested, device=grad_norm.device)]).float()
+        nonfinite, stop = all_reduce_sum(flags).tolist()
+        return nonfinite > 0, stop > 0
 
     # ------------------------------------------------------------ logging
 
@@ -312,14 +327,6 @@ class Trainer:
                 pass
         return previous
 
-    def stop_requested_everywhere(self) -> bool:
-        """A signal may reach one rank only; every rank must agree to stop at the same step."""
-        if not dist.is_initialized():
-            return self.stop_requested
-        flag = torch.tensor([float(self.stop_requested)], device=self.device)
-        dist.all_reduce(flag)
-        return bool(flag.item())
-
 
 def restore_signal_handlers(previous: dict) -> None:
     for sig, handler in previous.items():
@@ -331,8 +338,11 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    half = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
-    fp32 = {"H100": 67e12, "H200": 67e12, "A100": 19.5e12, "L4": 30e12, "A10": 31e12, "4090": 82e12}
+    # More specific names first: "L4" is also in "L40S".
+    half = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
+            "4090": 165e12}
+    fp32 = {"H100": 67e12, "H200": 67e12, "A100": 19.5e12, "L40S": 91.6e12, "L4": 30e12, "A10": 31e12,
+            "4090": 82e12}
     table = fp32 if precision == "fp32" else half
     return next((v for k, v in table.items() if k in name), None)
 

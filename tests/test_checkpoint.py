@@ -195,14 +195,17 @@ def start(args, **popen):
 SLOW = {"name": "toy_recipes.slow", "hidden": 32, "delay_s": 0.03}
 
 
-@pytest.mark.parametrize("sig, nproc", [(signal.SIGTERM, 1), (signal.SIGUSR1, 2)])
-def test_stop_signal_checkpoints_at_the_next_step_and_exits_3(tmp_path, sig, nproc):
+@pytest.mark.parametrize("sig, nproc, target", [(signal.SIGTERM, 1, "process"), (signal.SIGUSR1, 2, "workers"),
+                                               (signal.SIGUSR1, 2, "launcher")])
+def test_stop_signal_checkpoints_at_the_next_step_and_exits_3(tmp_path, sig, nproc, target):
+    """The signal to the workers (as SLURM sends it to every task) or to the launcher that
+    started them with --nproc (which passes it on)."""
     extra = ["--nproc", 2] if nproc == 2 else []
     check(run(["run", config(tmp_path, "full", recipe=SLOW)] + extra))
     proc = start(["run", config(tmp_path, "stopped", recipe=SLOW), *extra])
     wait_for_step(tmp_path / "stopped", 5, proc)
-    targets = children(proc.pid) if nproc == 2 else [proc.pid]  # the workers, not torchrun's agent
-    assert len(targets) == nproc
+    targets = children(proc.pid) if target == "workers" else [proc.pid]
+    assert len(targets) == (2 if target == "workers" else 1)
     for pid in targets:
         os.kill(pid, sig)
     out, err = proc.communicate(timeout=120)

@@ -221,6 +221,18 @@ def test_fp16_overflow_skips_the_step_and_holds_the_schedule(tmp_path):
     assert lrs == pytest.approx([0.01 * (k + 1) / 100 for k in [0, 1, 2, 3, 4, 4, 4, 5, 6, 7]])
 
 
+def test_ddp_on_one_process_trains(tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", digits_config(tmp_path / "run", strategy="ddp", train={"max_steps": 5}))
+    check(run(["run", cfg]))
+    assert len(losses(tmp_path / "run")) == 5
+
+
+def test_multi_node_needs_a_rendezvous_endpoint(tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", digits_config(tmp_path / "run"))
+    proc = run(["run", cfg, "--nproc", 2, "--nnodes", 2])
+    assert proc.returncode == 2 and "--rdzv-endpoint" in proc.stderr
+
+
 def test_a_failing_rank_stops_the_job(tmp_path):
     cfg = write_config(tmp_path / "c.yaml", digits_config(
         tmp_path / "run", recipe={"name": "toy_recipes.failing", "fail_rank": 1, "fail_at": 3},

@@ -28,6 +28,11 @@ def test_srun_variables():
     assert detect({**SRUN, "MASTER_PORT": "1234"}).master_port == 1234
 
 
+def test_srun_tasks_per_node_of_uneven_nodes():
+    uneven = {**SRUN, "SLURM_NTASKS": "11", "SLURM_TASKS_PER_NODE": "4(x2),3"}
+    assert [detect({**uneven, "SLURM_NODEID": str(n)}).local_world_size for n in range(3)] == [4, 4, 3]
+
+
 def test_torchrun_inside_slurm_is_torchrun():
     env = detect({**SRUN, **TORCHRUN})
     assert env.launcher == "torchrun" and env.rank == 3
@@ -70,6 +75,8 @@ def test_tail_wrap_sees_every_sample():
     plan = BatchPlan(16, 8, 2, 103, "wrap")
     flat = rank_indices(plan, 0) + rank_indices(plan, 1)
     assert plan.steps_per_epoch == 7 and len(flat) == 112 and set(flat) == set(range(103))
+    tiny = BatchPlan(64, 32, 1, 10, "wrap")  # a global batch of more than twice the data set
+    assert len(rank_indices(tiny, 0)) == len(ShardedSampler(tiny, 0, 0, True)) == 64
 
 
 def test_reshuffled_each_epoch_and_seeded():

@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..env import ensure_process_group
 from .base import Strategy
 
 
@@ -11,6 +12,7 @@ class DDPStrategy(Strategy):
     name = "ddp"
 
     def wrap(self, model: nn.Module) -> nn.Module:
+        ensure_process_group(self.device)  # strategy=ddp on one process: a group of one
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids)
 

@@ -117,7 +117,12 @@ def ds_config(cfg, plan, cuda: bool) -> dict:
         "wall_clock_breakdown": False,
     }
     if ds.config:
-        user = json.loads(Path(ds.config).read_text())
+        try:
+            user = json.loads(Path(ds.config).read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"deepspeed.config={ds.config} is not a readable JSON file: {e}") from None
+        if not isinstance(user, dict):
+            raise ConfigError(f"deepspeed.config={ds.config} must hold a JSON object, not {type(user).__name__}")
         config = deep_merge(config, user)
         clash = {k: (config[k], ours) for k, ours in zip(BATCH_KEYS, (plan.global_batch, plan.micro_batch,
                                                                       plan.accumulation)) if config[k] != ours}

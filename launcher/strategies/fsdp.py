@@ -46,7 +46,8 @@ class FSDPStrategy(Strategy):
             offload_policy=(CPUOffloadPolicy(pin_memory=self.device.type == "cuda") if self.cfg.fsdp.cpu_offload
                             else OffloadPolicy()),
         )
-        for unit in self.shard_units(model):
+        # Innermost first: fully_shard needs a nested unit sharded before the unit around it.
+        for unit in reversed(self.shard_units(model)):
             if unit is not model:
                 fully_shard(unit, **options)
         fully_shard(model, **options)
@@ -82,7 +83,7 @@ class FSDPStrategy(Strategy):
         # The gradients are DTensors: scale each rank's shard in place.
         grads = [local_tensor(g) for g in self.grads()]
         if grads:
-            torch._foreach_mul_(grads, factor)
+            torch._foreach_mul_(grads, factor.to(grads[0].device))  # with cpu_offload the grads are on the CPU
 
     def clip_grad_norm(self, max_norm: float | None) -> torch.Tensor:
         """The norm of the whole (unsharded) gradient, a plain tensor equal on every rank."""
