@@ -169,8 +169,7 @@ class Checkpointer:
         if how == "auto":
             warn = (lambda m: print(f"warning: {m}", file=sys.stderr)) if self.rank == 0 else (lambda m: None)
             return latest_checkpoint(self.dir, warn)
-        path = Path(how)
-        return path
+        return Path(how)
 
     def load(self, path: Path, strategy) -> dict:
         """Load model, optimizer and this rank's RNG states; return meta.json."""

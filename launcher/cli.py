@@ -99,7 +99,7 @@ def check_inputs(cfg: Config, world_size: int, origin: str):
     from .trainer import batch_plan
 
     recipe = Recipe.load(cfg.recipe, origin)
-    batch_plan(cfg, world_size)
+    plan = batch_plan(cfg, world_size)
     strategy = resolve_name(cfg.strategy, world_size)
     if strategy == "single" and world_size > 1:
         raise ConfigError(f"strategy=single cannot run on {world_size} processes: use ddp, fsdp or deepspeed (or auto)")
@@ -114,7 +114,7 @@ def check_inputs(cfg: Config, world_size: int, origin: str):
             raise ConfigError(f"deepspeed.config={cfg.deepspeed.config}: no such file")
         from .strategies.deepspeed import ds_config
 
-        ds_config(cfg, batch_plan(cfg, world_size), cuda=False)  # raises for what DeepSpeed cannot run
+        ds_config(cfg, plan, cuda=False)  # raises for what DeepSpeed cannot run
     resume = cfg.checkpoint.resume
     if resume not in ("auto", "never") and not is_complete(Path(resume)):
         raise ConfigError(f"checkpoint.resume={resume} is not a complete checkpoint (a checkpoints/step_NNNNNN "

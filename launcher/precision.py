@@ -13,7 +13,7 @@ class Precision:
         self.name, self.device = name, device
         self.dtype = DTYPES[name]
         # fp16 needs loss scaling against gradient underflow; bf16 has fp32's range.
-        # (DeepSpeed and FSDP-with-its-own-scaler pass use_scaler=False.)
+        # (DeepSpeed brings its own and passes use_scaler=False.)
         enabled = name == "fp16" and use_scaler
         self.scaler = torch.amp.GradScaler(device.type, enabled=enabled) if enabled else None
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import ROOT, check, digits_config, losses, metrics, run, worker_env, write_config
+from helpers import ROOT, check, digits_config, metrics, run, worker_env, write_config
 from launcher.checkpoint import latest_checkpoint
 from launcher.export import export
 

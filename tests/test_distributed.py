@@ -6,7 +6,6 @@ all-reduce), so losses agree to a relative 1e-5 and weights to an absolute 1e-5
 over 20 steps; measured differences are around 1e-7.
 """
 import json
-import os
 import random
 import subprocess
 import sys
