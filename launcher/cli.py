@@ -9,8 +9,10 @@ import argparse
 import importlib.util
 import os
 import sys
+import traceback
 from pathlib import Path
 
+from . import errors
 from .config import Config, ConfigError, load_config
 
 EPILOG = """\
@@ -39,9 +41,11 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
                          epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(run)
     run.add_argument("--nproc", type=int, default=None, help="spawn this many local workers (torch.distributed.run)")
-    run.add_argument("--nnodes", type=int, default=1, help="nodes taking part (with --nproc and --rdzv-endpoint)")
-    run.add_argument("--node-rank", type=int, default=None, help="this node's rank among --nnodes")
-    run.add_argument("--rdzv-endpoint", default=None, help="host:port every node meets at (multi-node)")
+    run.add_argument("--nnodes", type=int, default=None,
+                     help="nodes taking part (with --nproc and --rdzv-endpoint; under srun: SLURM_NNODES)")
+    run.add_argument("--node-rank", type=int, default=None, help="this node's rank among --nnodes (under srun: SLURM_NODEID)")
+    run.add_argument("--rdzv-endpoint", default=None,
+                     help="host:port every node meets at (multi-node; under srun: the job's first node)")
     run.add_argument("--max-restarts", type=int, default=0,
                      help="restart the worker group this often after a failure; it resumes from the latest checkpoint")
 
@@ -61,6 +65,42 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
 def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=3e-4")
+
+
+def entry() -> None:
+    """The process entry point (the `launcher` script and `python -m launcher`).
+
+    Whatever happened, everything the command wrote is flushed and closed by the time
+    main() returns; the process then leaves with os._exit, skipping interpreter
+    finalization, where library threads still running (gloo's) could abort a run that
+    had finished (docs/design.md, Process exit).
+    """
+    try:
+        code = main()
+    except SystemExit as e:  # argparse's usage errors (2) and --help (0)
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException:  # a real failure: its traceback, then exit 1
+        traceback.print_exc()
+        code = 1
+    exit_now(code)
+
+
+def first_on_node() -> bool:
+    """False in the workers of a node other than the first (torchrun and srun number them)."""
+    return os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")) == "0"
+
+
+def exit_now(code: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more can be said
+            pass
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,9 +123,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             return cmd_export(args)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        # Every worker finds the same bad input: one message per node, not one per rank.
+        if first_on_node():
+            print(f"error: {e}", file=sys.stderr)
+        return errors.BAD_INPUT
+    return errors.DONE
 
 
 # ---------------------------------------------------------------- run
@@ -139,15 +181,9 @@ def cmd_run(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     env = env_mod.detect()
-    if args.nproc is not None and env.distributed:
-        raise ConfigError("--nproc inside an already launched worker (torchrun / srun set RANK or SLURM_PROCID): "
-                          "drop --nproc, the outer launcher already starts the workers")
+    if args.nproc is not None:
+        check_node_launch(args, env)
     world = args.nproc * args.nnodes if args.nproc else env.world_size
-    if args.nproc is not None and args.nproc < 1:
-        raise ConfigError("--nproc must be at least 1")
-    if args.nnodes > 1 and not args.rdzv_endpoint:
-        raise ConfigError(f"--nnodes {args.nnodes} needs --rdzv-endpoint HOST:PORT (the same on every node) and "
-                          "--node-rank on each node")
     check_inputs(cfg, world, args.config)
     if args.nproc:
         from .spawn import spawn
@@ -157,32 +193,55 @@ def cmd_run(args) -> int:
     return run_worker(cfg, env)
 
 
+def check_node_launch(args, env) -> None:
+    """--nproc: this process starts the workers of one node. Fills --nnodes, --node-rank and
+    --rdzv-endpoint from SLURM when it runs as one srun task per node."""
+    if env.launcher == "torchrun":
+        raise ConfigError("--nproc inside a worker that torchrun (or accelerate launch) already started: drop "
+                          "--nproc, the outer launcher starts the workers")
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc {args.nproc}: it must be at least 1 (the workers to start on this node)")
+    if env.launcher == "slurm":
+        if env.local_world_size > 1:
+            raise ConfigError(
+                f"--nproc under srun starts a node's workers, but this node runs {env.local_world_size} srun tasks: "
+                "use one task per node (--ntasks-per-node=1) with --nproc, or one task per worker without --nproc")
+        if args.nnodes is None:
+            args.nnodes = env.world_size  # one task per node: the tasks are the nodes
+            args.node_rank = env.node_rank if args.node_rank is None else args.node_rank
+            if args.nnodes > 1 and not args.rdzv_endpoint:
+                args.rdzv_endpoint = f"{env.master_addr}:{env.master_port}"
+    args.nnodes = args.nnodes or 1
+    if args.nnodes > 1 and not args.rdzv_endpoint:
+        raise ConfigError(f"--nnodes {args.nnodes} needs --rdzv-endpoint HOST:PORT (the same on every node) and "
+                          "--node-rank on each node")
+
+
 def run_worker(cfg: Config, env) -> int:
+    """Train in this process (one of the workers, or the only one). Returns the exit code once
+    everything the run wrote is flushed and closed."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
     from . import env as env_mod
-    from .trainer import STOPPED_BY_SIGNAL, NonFiniteError, Stopped, train
+    from .errors import TrainingError
+    from .trainer import train
 
     device = env_mod.device_for(env)
     env_mod.init_process_group(env, device, cfg.dist.timeout_s)
-
-    @record  # under torchrun: the failing rank's traceback goes into the launcher's summary
-    def work():
-        train(cfg, env, device)
-
+    # Under torchrun: the failing rank's traceback goes into the launcher's summary.
     try:
-        work()
-    except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except Stopped:
+        record(train)(cfg, env, device)
+    except TrainingError as e:
+        if first_on_node():
+            print(f"error: {e}", file=sys.stderr)
+        return errors.FAILED
+    except errors.Stopped:
         if env.is_main:
             print(f"stopped by a signal; checkpoint saved in {cfg.run_dir}/checkpoints. Run the same command to resume.",
                   file=sys.stderr)
-        env_mod.destroy_process_group()
-        return STOPPED_BY_SIGNAL
+        return errors.STOPPED
     env_mod.destroy_process_group()
-    return 0
+    return errors.DONE
 
 
 # ---------------------------------------------------------------- plan, ls, export

@@ -14,9 +14,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-
-class ConfigError(Exception):
-    """Bad input from the user: reported in one paragraph, exit code 2, no traceback."""
+from .errors import ConfigError
 
 
 class Section(BaseModel):

@@ -15,6 +15,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .watchdog import COLLECTIVE_GRACE_S
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -101,21 +103,34 @@ def device_for(env: DistEnv) -> torch.device:
     return torch.device("cpu")
 
 
+_store: dist.Store | None = None  # the rendezvous store of this process's group, once joined
+
+
 def init_process_group(env: DistEnv, device: torch.device, timeout_s: float) -> None:
-    """Join the group (NCCL with CUDA, gloo on the CPU); a no-op for one process."""
+    """Join the group (NCCL with CUDA, gloo on the CPU); a no-op for one process.
+
+    Collectives time out a grace period after dist.timeout_s, so that the watchdog's
+    report of a stalled rank (launcher/watchdog.py) comes before a bare backend error.
+    """
+    global _store
     if not env.distributed or dist.is_initialized():
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
     os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank))
+    _store = rendezvous_store(env, timeout_s)
     dist.init_process_group(
         backend="nccl" if device.type == "cuda" else "gloo",
-        store=rendezvous_store(env, timeout_s),
+        store=_store,
         rank=env.rank,
         world_size=env.world_size,
-        timeout=timedelta(seconds=timeout_s),
+        timeout=timedelta(seconds=timeout_s + COLLECTIVE_GRACE_S),
         device_id=device if device.type == "cuda" else None,
     )
+
+
+def rendezvous() -> dist.Store | None:
+    return _store
 
 
 def rendezvous_store(env: DistEnv, timeout_s: float) -> dist.Store:

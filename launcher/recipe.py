@@ -135,6 +135,22 @@ class Recipe:
         fn = getattr(self.module, "loss", None)
         return fn(model, batch) if fn is not None else lightning_loss(model, batch)
 
+    def loss_is_pair(self, out, step: int) -> bool:
+        """Which loss form `out` is: False for a scalar mean, True for a (total, count) pair.
+        Anything else is refused, saying what it got (checked once, at the first step)."""
+        if isinstance(out, torch.Tensor) and out.dim() == 0:
+            return False
+        if isinstance(out, (tuple, list)) and len(out) == 2 and is_scalar(out[0]) and is_scalar(out[1]):
+            return True
+        hint = ""
+        if isinstance(out, (tuple, list)) and len(out) == 2 and is_scalar(out[1]) and not is_scalar(out[0]):
+            hint = (" It looks like a model's (logits, loss) output: return the loss alone "
+                    "(e.g. `return model(x, y)[1]`).")
+        raise RecipeError(
+            f"recipe `{self.name}`: loss() returned {describe_value(out)} at step {step + 1}, but a loss must "
+            "return a scalar tensor (the mean over the micro-batch) or a pair (total, count): a scalar sum "
+            f"and the number of items it sums (e.g. tokens).{hint}")
+
     def metrics(self, model: nn.Module, batch) -> dict:
         fn = getattr(self.module, "metrics", None)
         if fn is not None:
@@ -177,6 +193,18 @@ class Recipe:
 
 class RecipeError(ConfigError):
     """The recipe broke its contract or raised while building model or data."""
+
+
+def is_scalar(value) -> bool:
+    return isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.dim() == 0)
+
+
+def describe_value(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of ({', '.join(describe_value(v) for v in value)})"
+    return f"a {type(value).__name__}"
 
 
 def unwrap(model: nn.Module) -> nn.Module:

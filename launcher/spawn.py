@@ -5,6 +5,8 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import get_args_parser, run
 
+from .errors import BAD_INPUT, DONE, FAILED, STOPPED
+
 
 def torchrun_args(worker_argv: list[str], nproc: int, nnodes: int, node_rank: int | None,
                   rdzv_endpoint: str | None, max_restarts: int) -> list[str]:
@@ -33,8 +35,8 @@ def spawn(worker_argv: list[str], **options) -> int:
         run(args)
     except SignalException as e:  # the launcher itself was signalled; the workers got it too
         print(f"launcher: {e.sigval.name} received; the workers saved a checkpoint. Run the same command to resume.")
-        return 3
+        return STOPPED
     except ChildFailedError as e:
         codes = {failure.exitcode for failure in e.failures.values() if failure.exitcode > 0}
-        return codes.pop() if codes in ({2}, {3}) else 1
-    return 0
+        return codes.pop() if codes in ({BAD_INPUT}, {STOPPED}) else FAILED
+    return DONE

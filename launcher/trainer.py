@@ -1,6 +1,6 @@
 """The one training loop.
 
-It holds a Strategy and never asks which one (DESIGN section 4). The loss
+It holds a Strategy and never asks which one (docs/design.md, Strategies). The loss
 normalisation that makes every world size and accumulation train the same math:
 
 - a mean loss is divided by A, the accumulation steps; DDP / FSDP / DeepSpeed
@@ -27,22 +27,14 @@ import torch.distributed as dist
 from . import data as data_mod
 from .checkpoint import Checkpointer
 from .config import Config, ConfigError, dump_config
-from .env import DistEnv
+from .env import DistEnv, rendezvous
+from .errors import NonFiniteError, Stopped
 from .loggers import Loggers
 from .optim import build_optimizer, build_scheduler
 from .precision import Precision
 from .recipe import Recipe
 from .strategies import resolve_name, strategy_class
-
-STOPPED_BY_SIGNAL = 3  # exit code: a stop signal arrived, a checkpoint was saved; rerun to resume
-
-
-class NonFiniteError(RuntimeError):
-    pass
-
-
-class Stopped(Exception):
-    """A stop signal arrived and the checkpoint is saved."""
+from .watchdog import Watchdog
 
 
 def seed_everything(seed: int) -> None:
@@ -129,6 +121,7 @@ class Trainer:
         self.flops_per_sample = self.recipe.per_sample("flops_per_sample")
         self.peak_flops = peak_flops(device, cfg.precision)
         self.stop_requested = False
+        self.watchdog = Watchdog(cfg.dist.timeout_s, env.rank, env.world_size, rendezvous())
 
     def make_optimizer(self, model):
         return self.recipe.optimizer(model.parameters(), model) or build_optimizer(self.cfg.optim, model)
@@ -141,12 +134,14 @@ class Trainer:
         previous = self.install_signal_handlers()
         try:
             self.train_loop()
-            self.save()
+            self.save()  # before the final validation: a failure there loses no trained step
             self.checkpointer.wait()
+            self.evaluate(max(0, self.step - 1) // self.plan.steps_per_epoch)
         except NonFiniteError:
             self.checkpointer.wait()  # an async save still in flight is the last good checkpoint
             raise
         finally:
+            self.watchdog.close()
             restore_signal_handlers(previous)
             self.loggers.close()
 
@@ -159,14 +154,13 @@ class Trainer:
             self.loader.sampler.set_epoch(epoch, start)
             batches = iter(self.loader)
             for _ in range(start, plan.steps_per_epoch):
-                # Lazily: one micro-batch on the device at a time.
-                micro = (data_mod.to_device(next(batches), self.device) for _ in range(plan.accumulation))
-                out = self.train_step(micro)
+                out = self.train_step(batches)
                 self.step += 1
                 window_steps += 1
                 window += torch.stack([out.loss_num, out.loss_den])
                 self.loggers.advance()
                 if self.step % cfg.log_every_steps == 0 or self.step == self.total_steps:
+                    self.watchdog.beat(self.step, 0, "logging")
                     now = time.perf_counter()
                     self.log_train(epoch, window, out, window_steps, now - window_start, now - t0)
                     window.zero_()
@@ -181,19 +175,23 @@ class Trainer:
                     raise Stopped()
                 if self.step >= self.total_steps:
                     break
-        self.evaluate(max(0, self.step - 1) // plan.steps_per_epoch)
 
-    def train_step(self, micro_batches) -> StepOutput:
-        strategy, A = self.strategy, self.plan.accumulation
-        pair = False
+    def train_step(self, batches) -> StepOutput:
+        """One optimizer step over the next A micro-batches of `batches`, loaded one at a time."""
+        strategy, A, beat = self.strategy, self.plan.accumulation, self.watchdog.beat
         num = torch.zeros((), device=self.device)
         den = torch.zeros((), device=self.device)
-        for j, batch in enumerate(micro_batches):
-            last = j == A - 1
-            with contextlib.nullcontext() if last else strategy.no_sync():
+        pair = None
+        for j in range(A):
+            beat(self.step, j, "data")
+            batch = data_mod.to_device(next(batches), self.device)
+            with contextlib.nullcontext() if j == A - 1 else strategy.no_sync():
+                beat(self.step, j, "forward")
                 with self.precision.autocast():
                     out = self.recipe.loss(strategy.model, batch)
-                pair = isinstance(out, (tuple, list))
+                if pair is None:
+                    pair = self.recipe.loss_is_pair(out, self.step)
+                beat(self.step, j, "backward")
                 if pair:
                     total, count = out
                     strategy.backward(total.float())
@@ -202,6 +200,7 @@ class Trainer:
                 else:
                     strategy.backward(out.float() / A)
                     num += out.detach().float() / A
+        beat(self.step, A - 1, "optimizer")
         if pair:
             # The one all-reduce a step needs for token losses: the global count.
             totals = all_reduce_sum(torch.stack([num, den]))
@@ -262,8 +261,19 @@ class Trainer:
             row["mfu"] = samples_per_s * self.flops_per_sample / (world * self.peak_flops)
         self.loggers.log(row)
 
-    @torch.no_grad()
     def evaluate(self, epoch: int) -> None:
+        """Validation; if it fails, the trained steps are saved first (every rank fails alike)."""
+        try:
+            self.validate(epoch)
+        except Exception:
+            if self.env.is_main:
+                print(f"validation at step {self.step} failed; saving the trained steps first", file=sys.stderr)
+            self.save()
+            self.checkpointer.wait()
+            raise
+
+    @torch.no_grad()
+    def validate(self, epoch: int) -> None:
         if self.val_set is None:
             return
         model = self.strategy.eval_model
@@ -272,7 +282,8 @@ class Trainer:
         batch_size = self.cfg.train.eval_batch_size or self.plan.micro_batch
         loader = data_mod.EvalLoader(self.val_set, batch_size, self.env.rank, self.env.world_size,
                                      self.cfg.data.num_workers, self.recipe.collate)
-        for batch, n, counts in loader:
+        for i, (batch, n, counts) in enumerate(loader):
+            self.watchdog.beat(self.step, i, "validation")
             batch = data_mod.to_device(batch, self.device)
             with self.precision.autocast():
                 values = {"val_loss": self.recipe.loss(model, batch), **self.recipe.metrics(model, batch)}
@@ -301,7 +312,11 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.precision.scaler.state_dict() if self.precision.scaler else None,
         }
-        self.checkpointer.save(self.step, self.strategy, meta)
+        self.watchdog.suspend(True)
+        try:
+            self.checkpointer.save(self.step, self.strategy, meta)
+        finally:
+            self.watchdog.suspend(False)
 
     def restore(self, path: Path) -> None:
         if not (path / "meta.json").is_file():
