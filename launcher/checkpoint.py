@@ -1,20 +1,24 @@
 """Checkpoints: save, find the newest complete one, load, prune, export.
 
-Layout (DESIGN section 5):
+Layout (docs/design.md, Checkpoints):
 
     checkpoints/step_000500/         one complete checkpoint
         .metadata, __0_0.distcp ...  model + optimizer (torch.distributed.checkpoint),
                                      or DeepSpeed's own files for the deepspeed strategy
         meta.json                    trainer counters, schedule, grad scaler (rank 0)
-        rng_0.pt, rng_1.pt ...       each rank's RNG states
+        rng_0.pt, rng_1.pt ...       each rank's RNG states (tensors and plain values only)
     checkpoints/latest               the name of the newest complete checkpoint
 
 A save goes to step_000500.tmp/ and is renamed only once every rank has written
 its part; `latest` is replaced atomically after that. A save cut off halfway stays
-a .tmp directory and is never used.
+a .tmp directory and is never used; a save that fails (a full disk) leaves the
+previous checkpoint and `latest` as they were. What launcher writes itself is read
+back without unpickling code (weights_only); a damaged checkpoint is set aside
+before any worker starts and the previous complete one is used.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -27,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from .errors import CheckpointWriteError, ConfigError
 
 STEP_DIR = re.compile(r"step_(\d{6,})$")
 
@@ -69,7 +75,13 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """This process's RNG states as tensors and plain values, so they load with weights_only."""
+    version, mt, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss_next": gauss},
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -77,10 +89,143 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss_next"]))
+    numpy = state["numpy"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
+                         numpy["cached_gaussian"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_rng(path: Path) -> dict:
+    """A rank's RNG file, read without running any code it might carry."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"refusing to load {path}: it is not the plain tensors launcher writes ({e.__class__.__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}). It may have been tampered with; delete that "
+                          "checkpoint directory, or start afresh with checkpoint.resume=never") from None
+
+
+# ---------------------------------------------------------------- checking a checkpoint before resuming
+
+
+def read_meta(path: Path) -> dict:
+    return json.loads((path / "meta.json").read_text())
+
+
+def problems(path: Path) -> list[str]:
+    """What is missing or unreadable in a checkpoint that looks complete (empty: intact)."""
+    try:
+        meta = read_meta(path)
+    except (OSError, ValueError) as e:
+        return [f"meta.json is unreadable ({e})"]
+    if meta.get("strategy") == "deepspeed":
+        states = list(path.glob("*mp_rank_00_model_states.pt"))
+        found = {p.name for p in path.glob("*optim_states.pt")}
+        missing = [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(meta.get("world_size", 1))
+                   if f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" not in found]
+        if not states:
+            missing.append("mp_rank_00_model_states.pt")
+        return [f"{name} is missing" for name in missing] if found or states else ["no DeepSpeed files in it"]
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(str(path)).read_metadata()
+    except Exception as e:
+        return [f".metadata is missing or unreadable ({e.__class__.__name__})"]
+    needed: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    out = []
+    for name, size in sorted(needed.items()):
+        file = path / name
+        if not file.is_file():
+            out.append(f"{name} is missing")
+        elif file.stat().st_size < size:
+            out.append(f"{name} is cut short ({file.stat().st_size} of {size} bytes)")
+    return out
+
+
+def check_loadable(path: Path) -> list[str]:
+    """problems(), plus the RNG files read safely (a tampered one raises ConfigError)."""
+    found = problems(path)
+    if not found:
+        for rng in sorted(path.glob("rng_*.pt")):
+            load_rng(rng)
+    return found
+
+
+def resume_source(ckpt_cfg, run_dir: Path, world_size: int, may_move: bool) -> Path | None:
+    """The checkpoint a run will resume from, checked before any worker starts.
+
+    An explicit checkpoint.resume that is damaged is an error; under `auto` a damaged
+    checkpoint is set aside (renamed step_N.damaged, never deleted) with a warning and
+    the previous complete one is used. `may_move`: this process may rename (rank 0).
+    """
+    how = ckpt_cfg.resume
+    if how == "never":
+        return None
+    ckpt_dir = run_dir / "checkpoints"
+    if how != "auto":
+        path = Path(how)
+        if not is_complete(path):
+            raise ConfigError(f"checkpoint.resume={how} is not a complete checkpoint (a checkpoints/step_NNNNNN "
+                              "directory with meta.json in it); use auto, never, or such a directory")
+        found = check_loadable(path)
+        if found:
+            raise ConfigError(f"checkpoint.resume={how} is damaged: {'; '.join(found)}. Resume from an earlier "
+                              "checkpoint (checkpoint.resume=<its directory>) or start afresh with checkpoint.resume=never")
+        check_world_size(path, world_size)
+        return path
+    quiet = (lambda m: None) if not may_move else (lambda m: print(f"warning: {m}", file=sys.stderr))
+    while (path := latest_checkpoint(ckpt_dir, quiet)) is not None:
+        found = check_loadable(path)
+        if not found:
+            check_world_size(path, world_size)
+            return path
+        aside = path.with_name(path.name + ".damaged")
+        if may_move:
+            print(f"warning: checkpoint {path} is damaged ({'; '.join(found)}): moved aside to {aside.name}; "
+                  "resuming from the previous complete checkpoint instead", file=sys.stderr)
+            path.rename(aside)
+            earlier = complete_checkpoints(ckpt_dir)
+            if earlier:
+                write_atomic(ckpt_dir / "latest", earlier[-1].name)
+            else:
+                (ckpt_dir / "latest").unlink(missing_ok=True)
+        elif path.exists():
+            return None  # rank 0 sets it aside; the workers look again when they start
+    return None
+
+
+def check_world_size(path: Path, world_size: int) -> None:
+    meta = read_meta(path)
+    saved = meta.get("world_size", world_size)
+    if meta.get("strategy") == "deepspeed" and saved != world_size:
+        raise ConfigError(
+            f"{path} is a DeepSpeed checkpoint of {saved} ranks, and DeepSpeed cannot re-partition its optimizer "
+            f"state for {world_size}: resume with {saved} processes (--nproc {saved}), or start afresh with "
+            "checkpoint.resume=never")
+
+
+def write_failure(error: BaseException) -> str | None:
+    """The OS error behind a failed save ('No space left on device: .../__1_0.distcp'), or None.
+    DCP gathers each rank's exception into one CheckpointException on every rank."""
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            return f"{e.strerror or e}: {e.filename}" if e.filename else (e.strerror or str(e))
+        todo += [c for c in (e.__cause__, e.__context__) if c is not None]
+        failures = getattr(e, "failures", None)  # torch.distributed.checkpoint.api.CheckpointException
+        if isinstance(failures, dict):
+            todo += [f for f in failures.values() if isinstance(f, BaseException)]
+    return None
 
 
 def barrier() -> None:
@@ -108,9 +253,12 @@ class Checkpointer:
         tmp = self.dir / (final.name + ".tmp")
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # the remains of a save cut off earlier
-            tmp.mkdir(parents=True)
-        barrier()
-        torch.save(rng_state(), tmp / f"rng_{self.rank}.pt")
+        with self.failure_reported(step, tmp):
+            if self.rank == 0:
+                tmp.mkdir(parents=True)
+            barrier()
+            torch.save(rng_state(), tmp / f"rng_{self.rank}.pt")
+            future = strategy.save_checkpoint(tmp, async_save=self.cfg.async_save)
 
         def finalize() -> None:
             # Rank 0 publishes only after every rank has written its part: for sync
@@ -125,21 +273,40 @@ class Checkpointer:
             write_atomic(self.dir / "latest", final.name)
             self.prune()
 
-        future = strategy.save_checkpoint(tmp, async_save=self.cfg.async_save)
         if future is None:
             barrier()
             finalize()
             barrier()  # nobody reads `latest` or prunes before rank 0 published
         else:
-            self.pending = (future, finalize)
+            self.pending = (future, finalize, step, tmp)
+
+    @contextlib.contextmanager
+    def failure_reported(self, step: int, tmp: Path):
+        """A write that fails (a full disk, a quota, an I/O error) ends the run with a message that
+        names the disk and the step; what was saved before stays as it was."""
+        try:
+            yield
+        except Exception as e:
+            reason = write_failure(e)
+            if reason is None:
+                raise
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)  # the partial save: free what it took
+            latest = self.dir / "latest"
+            kept = f"checkpoints/{latest.read_text().strip()}" if latest.is_file() else "no earlier checkpoint"
+            raise CheckpointWriteError(
+                f"the checkpoint of step {step} could not be written to {self.dir} ({reason}); {kept} and "
+                "checkpoints/latest are untouched. Free space on that disk (or set run_dir elsewhere), then run the "
+                "same command to resume") from e
 
     def wait(self) -> None:
         """Finish an async save in flight (before the next save, and at exit)."""
         if self.pending is None:
             return
-        future, finalize = self.pending
+        future, finalize, step, tmp = self.pending
         self.pending = None
-        future.result()
+        with self.failure_reported(step, tmp):
+            future.result()
         barrier()
         finalize()
         barrier()
@@ -176,5 +343,5 @@ class Checkpointer:
         strategy.load_checkpoint(path)
         rng = path / f"rng_{self.rank}.pt"
         if rng.is_file():  # a different world size has no file for the new ranks
-            set_rng_state(torch.load(rng, weights_only=False))
-        return json.loads((path / "meta.json").read_text())
+            set_rng_state(load_rng(rng))
+        return read_meta(path)

@@ -134,13 +134,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def check_inputs(cfg: Config, world_size: int, origin: str):
-    """Everything about the input that can be wrong, checked once in the launching process."""
-    from .checkpoint import is_complete
+    """Everything about the input that can be wrong, checked once in the launching process,
+    cheapest first; the recipe's data() is built last, to check it and its size."""
+    import torch
+
+    from .checkpoint import resume_source
     from .recipe import Recipe
     from .strategies import resolve_name
     from .trainer import batch_plan
 
     recipe = Recipe.load(cfg.recipe, origin)
+    recipe.check_model()
     plan = batch_plan(cfg, world_size)
     strategy = resolve_name(cfg.strategy, world_size)
     if strategy == "single" and world_size > 1:
@@ -152,28 +156,47 @@ def check_inputs(cfg: Config, world_size: int, origin: str):
             raise ConfigError(f"{module} is not installed, but the config asks for it: "
                               f"pip install 'launcher[{module}]' (or pip install {module})")
     if strategy == "deepspeed":
+        if cfg.precision == "fp16" and not torch.cuda.is_available():
+            raise ConfigError("precision=fp16 with strategy=deepspeed needs a GPU: DeepSpeed has no fp16 on the CPU. "
+                              "Use precision=bf16 (or fp32), or another strategy")
         if cfg.deepspeed.config and not Path(cfg.deepspeed.config).is_file():
             raise ConfigError(f"deepspeed.config={cfg.deepspeed.config}: no such file")
         from .strategies.deepspeed import ds_config
 
         ds_config(cfg, plan, cuda=False)  # raises for what DeepSpeed cannot run
-    resume = cfg.checkpoint.resume
-    if resume not in ("auto", "never") and not is_complete(Path(resume)):
-        raise ConfigError(f"checkpoint.resume={resume} is not a complete checkpoint (a checkpoints/step_NNNNNN "
-                          "directory with meta.json in it); use auto, never, or such a directory")
+    resume_source(cfg.checkpoint, Path(cfg.run_dir), world_size, may_move=global_rank_zero())
     check_writable(Path(cfg.run_dir))
+    train_set, _ = recipe.build_data()
+    batch_plan(cfg, world_size, len(train_set))  # a train set smaller than one global batch
     return recipe
 
 
-def check_writable(run_dir: Path) -> None:
+def check_writable(path: Path, what: str = "run_dir") -> None:
+    """Can `path` (a directory, perhaps not there yet) be written? Leaves nothing behind."""
+    created = []
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write_test_{os.getpid()}"
+        missing = path
+        while not missing.exists():
+            created.append(missing)
+            missing = missing.parent
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_test_{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f"run_dir={run_dir} cannot be written ({e.strerror}): choose another run_dir=... "
+        raise ConfigError(f"{what}={path} cannot be written ({e.strerror or e}): choose another {what} "
                           "or fix its permissions") from None
+    finally:
+        for directory in created:  # innermost first
+            try:
+                directory.rmdir()
+            except OSError:
+                pass
+
+
+def global_rank_zero() -> bool:
+    """True in the launching process, and in the worker of rank 0 under torchrun or srun."""
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
 
 
 def cmd_run(args) -> int:
@@ -184,13 +207,14 @@ def cmd_run(args) -> int:
     if args.nproc is not None:
         check_node_launch(args, env)
     world = args.nproc * args.nnodes if args.nproc else env.world_size
-    check_inputs(cfg, world, args.config)
+    recipe = check_inputs(cfg, world, args.config)
     if args.nproc:
         from .spawn import spawn
 
+        del recipe  # and the data set it built to check it: the workers build their own
         return spawn([args.config, *args.overrides], nproc=args.nproc, nnodes=args.nnodes,
                      node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint, max_restarts=args.max_restarts)
-    return run_worker(cfg, env)
+    return run_worker(cfg, env, recipe)
 
 
 def check_node_launch(args, env) -> None:
@@ -217,7 +241,7 @@ def check_node_launch(args, env) -> None:
                           "--node-rank on each node")
 
 
-def run_worker(cfg: Config, env) -> int:
+def run_worker(cfg: Config, env, recipe) -> int:
     """Train in this process (one of the workers, or the only one). Returns the exit code once
     everything the run wrote is flushed and closed."""
     from torch.distributed.elastic.multiprocessing.errors import record
@@ -230,7 +254,7 @@ def run_worker(cfg: Config, env) -> int:
     env_mod.init_process_group(env, device, cfg.dist.timeout_s)
     # Under torchrun: the failing rank's traceback goes into the launcher's summary.
     try:
-        record(train)(cfg, env, device)
+        record(train)(cfg, env, device, recipe)
     except TrainingError as e:
         if first_on_node():
             print(f"error: {e}", file=sys.stderr)

@@ -127,12 +127,15 @@ class Config(Section):
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     """Read a YAML file, apply `key=value` overrides, validate. Raises ConfigError."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"config file {path} does not exist (run `launcher ls` to see the configs that ship)")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} cannot be read ({getattr(e, 'strerror', None) or e}): give a readable "
+                          "YAML text file") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of sections (recipe:, train:, ...), not {type(raw).__name__}")
     sources: dict[tuple, str] = {}

@@ -34,6 +34,11 @@ def find_checkpoint(run_dir: Path, step: int | None) -> Path:
 
 
 def export(run_dir: Path, out: Path, step: int | None = None) -> Path:
+    from .cli import check_writable
+
+    if out.is_dir():
+        raise ConfigError(f"{out} is a directory: give the file to write, e.g. {out / 'model.safetensors'}")
+    check_writable(out.parent, "the output folder")  # before the (long) load, not after
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml in it)")
     ckpt = find_checkpoint(run_dir, step)

@@ -48,10 +48,10 @@ def import_recipe(name: str):
                 f"recipe `{name}` was not found: give a dotted module name importable from the "
                 "working directory (recipes.digits) or a path to a .py file (run `launcher ls`)"
             ) from None
-        raise ConfigError(f"recipe `{name}` failed to import:\n{traceback.format_exc()}") from None
-    except Exception:
-        # The recipe's own bug: show its traceback, it is the user's code.
-        raise ConfigError(f"recipe `{name}` failed to import:\n{traceback.format_exc()}") from None
+        raise ConfigError(f"recipe `{name}` failed to import: {user_traceback(e)}") from None
+    except Exception as e:
+        # The recipe's own bug: show where in its code, it is the user's code.
+        raise ConfigError(f"recipe `{name}` failed to import: {user_traceback(e)}") from None
 
 
 class LightningAdapter(nn.Module):
@@ -83,6 +83,7 @@ class Recipe:
     name: str
     module: Any
     cfg: Any  # the recipe's Config instance, or None
+    _data: tuple | None = dataclasses.field(default=None, repr=False)
 
     @classmethod
     def load(cls, section: dict, origin: str = "the config") -> "Recipe":
@@ -98,7 +99,7 @@ class Recipe:
 
     def check(self) -> None:
         missing = [f for f in REQUIRED if not callable(getattr(self.module, f, None))]
-        if missing == ["loss"] and self._model_is_lightning():
+        if missing == ["loss"] and isinstance(self.check_model(), LightningAdapter):
             missing = []  # training_step is the loss
         if missing:
             raise ConfigError(
@@ -107,15 +108,16 @@ class Recipe:
                 "or (total, count)"
             )
 
-    def _model_is_lightning(self) -> bool:
-        with torch.device("meta"):  # no memory, no init cost: we only look at its methods
-            return is_lightning_shaped(self._call("model", self.module.model, self.cfg))
+    def check_model(self) -> nn.Module:
+        """model() built on the meta device (no memory, no init cost), to check what it returns."""
+        with torch.device("meta"):
+            return self.build_model()
 
     def _call(self, what: str, fn: Callable, *args):
         try:
             return fn(*args)
-        except Exception:
-            raise RecipeError(f"recipe `{self.name}`: {what}() raised:\n{traceback.format_exc()}") from None
+        except Exception as e:
+            raise RecipeError(f"recipe `{self.name}`: {what}() raised {user_traceback(e)}") from None
 
     # ------------------------------------------------------------ the contract
 
@@ -126,10 +128,17 @@ class Recipe:
         return LightningAdapter(model) if is_lightning_shaped(model) else model
 
     def build_data(self):
-        out = self._call("data", self.module.data, self.cfg)
-        if not (isinstance(out, tuple) and len(out) == 2):
-            raise RecipeError(f"recipe `{self.name}`: data() must return a pair (train, val); val may be None")
-        return out
+        """(train, val), built once per Recipe: the launcher's checks and the trainer share it."""
+        if self._data is None:
+            out = self._call("data", self.module.data, self.cfg)
+            if not (isinstance(out, tuple) and len(out) == 2):
+                raise RecipeError(f"recipe `{self.name}`: data() must return a pair (train, val); val may be None, "
+                                  f"not {describe_value(out)}")
+            if not hasattr(out[0], "__len__"):
+                raise RecipeError(f"recipe `{self.name}`: data()'s train set must be a map-style Dataset with "
+                                  f"__len__ and __getitem__, not {type(out[0]).__name__}")
+            self._data = out
+        return self._data
 
     def loss(self, model: nn.Module, batch):
         fn = getattr(self.module, "loss", None)
@@ -193,6 +202,15 @@ class Recipe:
 
 class RecipeError(ConfigError):
     """The recipe broke its contract or raised while building model or data."""
+
+
+def user_traceback(error: BaseException) -> str:
+    """The error and the frames of the user's code that led to it: no launcher or importlib frames."""
+    here = str(Path(__file__).resolve().parent)
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if not f.filename.startswith(("<frozen", here)) and "importlib" not in f.filename]
+    lines = "".join(traceback.format_list(frames[-6:]))
+    return f"{type(error).__name__}: {error}\n{lines}".rstrip()
 
 
 def is_scalar(value) -> bool:

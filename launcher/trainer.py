@@ -82,12 +82,12 @@ class StepOutput:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, env: DistEnv, device: torch.device):
+    def __init__(self, cfg: Config, env: DistEnv, device: torch.device, recipe: Recipe | None = None):
         self.cfg, self.env, self.device = cfg, env, device
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.train.seed)
-        self.recipe = Recipe.load(cfg.recipe)
+        self.recipe = recipe or Recipe.load(cfg.recipe)
         train_set, self.val_set = self.recipe.build_data()
         self.plan = batch_plan(cfg, env.world_size, len(train_set))
         t = cfg.train
@@ -362,8 +362,8 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
     return next((v for k, v in table.items() if k in name), None)
 
 
-def train(cfg: Config, env: DistEnv, device: torch.device) -> None:
-    trainer = Trainer(cfg, env, device)
+def train(cfg: Config, env: DistEnv, device: torch.device, recipe: Recipe | None = None) -> None:
+    trainer = Trainer(cfg, env, device, recipe)
     trainer.fit()
     trainer.strategy.close()
 
