@@ -222,9 +222,11 @@ def write_failure(error: BaseException) -> str | None:
         if isinstance(e, OSError):
             return f"{e.strerror or e}: {e.filename}" if e.filename else (e.strerror or str(e))
         todo += [c for c in (e.__cause__, e.__context__) if c is not None]
-        failures = getattr(e, "failures", None)  # torch.distributed.checkpoint.api.CheckpointException
+        failures = getattr(e, "failures", None)  # CheckpointException: {rank: (exception, stack)}
         if isinstance(failures, dict):
-            todo += [f for f in failures.values() if isinstance(f, BaseException)]
+            for failure in failures.values():
+                todo += [f for f in (failure if isinstance(failure, tuple) else (failure,))
+                         if isinstance(f, BaseException)]
     return None
 
 
@@ -286,7 +288,7 @@ class Checkpointer:
         names the disk and the step; what was saved before stays as it was."""
         try:
             yield
-        except Exception as e:
+        except BaseException as e:  # DCP's CheckpointException is a BaseException
             reason = write_failure(e)
             if reason is None:
                 raise

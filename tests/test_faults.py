@@ -1,0 +1,95 @@
+"""Nothing is lost on faults, and hangs are bounded: a disk that fills up mid-save, a SIGKILL
+mid-save, a validation that crashes after the last step, a rank that stops making progress.
+"""
+import os
+import signal
+import time
+
+import pytest
+
+from helpers import check, digits_config, metrics, run, write_config
+from test_checkpoint import by_step, children, start
+
+pytestmark = pytest.mark.slow
+
+
+def config(tmp_path, name, **recipe):
+    cfg = digits_config(tmp_path / name, recipe={"name": "toy_recipes.faulty", "hidden": 32, **recipe},
+                        train={"global_batch_size": 64, "micro_batch_size": 32, "max_steps": 20},
+                        checkpoint={"every_steps": 5, "keep_last": 10})
+    return write_config(tmp_path / f"{name}-{len(recipe)}.yaml", cfg)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reference")
+    check(run(["run", config(tmp, "full"), "--nproc", 2]))
+    return by_step(tmp / "full")
+
+
+def test_a_full_disk_mid_save_keeps_the_previous_checkpoint_and_names_disk_and_step(tmp_path, reference):
+    proc = run(["run", config(tmp_path, "run", full_disk_at_save=2, full_disk_rank=1), "--nproc", 2])
+    assert proc.returncode == 1
+    err = proc.stderr
+    assert err.count("could not be written") == 1, err
+    assert "step 10" in err and "No space left on device" in err and str(tmp_path / "run" / "checkpoints") in err
+    assert "Traceback" not in err
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_000005"
+    assert (ckpts / "step_000005" / "meta.json").is_file()
+    assert not (ckpts / "step_000010").exists() and not (ckpts / "step_000010.tmp").exists()
+    # The same command, with room on the disk, resumes from step 5 and ends as if nothing happened.
+    check(run(["run", config(tmp_path, "run")]))
+    assert by_step(tmp_path / "run") == pytest.approx(reference, rel=1e-6)
+
+
+def test_sigkill_during_a_save_never_publishes_it(tmp_path, reference):
+    proc = start(["run", config(tmp_path, "run", slow_save_at=2, slow_save_s=0.5), "--nproc", 2])
+    partial = tmp_path / "run" / "checkpoints" / "step_000010.tmp"
+    deadline = time.time() + 120
+    while not any(partial.glob("*.distcp")) and time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    for pid in [proc.pid, *children(proc.pid)]:  # torchrun's workers have process groups of their own
+        os.kill(pid, signal.SIGKILL)
+    proc.communicate()
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_000005"
+    assert not (ckpts / "step_000010").exists()
+    check(run(["run", config(tmp_path, "run"), "--nproc", 2]))
+    steps = by_step(tmp_path / "run")  # asserts each step once
+    assert steps == pytest.approx(reference, rel=1e-6)
+    assert len(metrics(tmp_path / "run")[1]) == 1
+
+
+def test_a_validation_that_crashes_after_the_last_step_loses_no_step(tmp_path, reference):
+    proc = run(["run", config(tmp_path, "run", fail_validation=True), "--nproc", 2])
+    assert proc.returncode == 1
+    assert "deliberate failure in validation" in proc.stdout + proc.stderr
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_000020"
+    assert by_step(tmp_path / "run") == pytest.approx(reference, rel=1e-6)
+    # Fixed, the same command finishes the validation without training again.
+    proc = check(run(["run", config(tmp_path, "run"), "--nproc", 2]))
+    assert "resumed from" in proc.stderr and "at step 20" in proc.stderr
+    assert len(metrics(tmp_path / "run")[1]) == 1
+
+
+def test_a_rank_that_stops_making_progress_ends_the_job_within_the_timeout(tmp_path):
+    timeout = 8
+    cfg = write_config(tmp_path / "c.yaml", digits_config(
+        tmp_path / "run", recipe={"name": "toy_recipes.stuck", "hidden": 32, "stuck_rank": 1, "stuck_at": 5},
+        train={"global_batch_size": 64, "micro_batch_size": 16, "max_steps": 500}, dist={"timeout_s": timeout}))
+    start_time = time.perf_counter()
+    proc = run(["run", cfg, "--nproc", 2], timeout=300)
+    elapsed = time.perf_counter() - start_time
+    assert proc.returncode == 1
+    err = proc.stderr
+    # Rank 1's 5th loss call is step 3, micro-batch 1 (2 micro-batches a step).
+    assert "rank 1 made no progress" in err and "in step 3, micro-batch 1" in err and "stuck.py" in err
+    assert "the job is waiting for rank(s) [1]" in err
+    # Start-up (two processes importing torch on a busy 2-core machine) plus the timeout and
+    # the report; without the watchdog the job would hang for the 500 steps' worth of timeouts.
+    last_step = max(r["step"] for r in metrics(tmp_path / "run")[0])
+    assert last_step == 2
+    assert elapsed < timeout + 60, elapsed
