@@ -159,6 +159,9 @@ def check_inputs(cfg: Config, world_size: int, origin: str):
         if cfg.precision == "fp16" and not torch.cuda.is_available():
             raise ConfigError("precision=fp16 with strategy=deepspeed needs a GPU: DeepSpeed has no fp16 on the CPU. "
                               "Use precision=bf16 (or fp32), or another strategy")
+        if cfg.checkpoint.async_save:
+            raise ConfigError("checkpoint.async=true is not available with strategy=deepspeed: DeepSpeed writes its "
+                              "checkpoints synchronously. Set checkpoint.async=false")
         if cfg.deepspeed.config and not Path(cfg.deepspeed.config).is_file():
             raise ConfigError(f"deepspeed.config={cfg.deepspeed.config}: no such file")
         from .strategies.deepspeed import ds_config

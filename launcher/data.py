@@ -1,6 +1,6 @@
 """Sharded, seeded, resumable data loading.
 
-The rule that makes world sizes equivalent (DESIGN section 6): one permutation of
+The rule that makes world sizes equivalent (docs/design.md, Batch math): one permutation of
 the data per epoch from (seed, epoch), whatever the world size W; rank r takes
 every W-th index starting at r, and its micro-batches are consecutive runs of M of
 those. Step k then covers exactly positions k*G ... (k+1)*G - 1 of the permutation.

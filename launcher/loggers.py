@@ -84,7 +84,7 @@ def fmt(v) -> str:
 
 class WandbLogger:
     def __init__(self, cfg, run_dir: Path, config: dict):
-        import wandb  # checked before any worker starts (cli.check_optional_deps)
+        import wandb  # checked before any worker starts (cli.check_inputs)
 
         self.run = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name, mode=cfg.mode,
                               dir=str(run_dir), config=config, resume="allow")

@@ -256,7 +256,7 @@ def cmd_slurm(args) -> int:
         if proc.returncode != 0:
             raise ConfigError(f"sbatch refused the job: {(proc.stdout + proc.stderr).strip()}")
         job_id = proc.stdout.strip().split(";")[0]
-        print(f"submitted job {job_id}; log: {slurm_dir / f'{job_name}-{job_id}.out'}; run dir: {run_dir}")
+        print(f"submitted job {job_id}\nlog: {slurm_dir / f'{job_name}-{job_id}.out'}\nrun dir: {run_dir}")
     elif not args.test_only:
         print(f"submit with: sbatch {script_path}", file=sys.stderr)
     return 0

@@ -1,4 +1,4 @@
-"""Checkpoints, exact resume, export and faults (issue 5) for the single and ddp strategies.
+"""Checkpoints, exact resume, export and faults for the single and ddp strategies.
 
 The sharded strategies (fsdp, deepspeed) have the same checks in test_sharded_checkpoint.py.
 """
@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 from helpers import ROOT, check, digits_config, metrics, run, worker_env, write_config
 from launcher.checkpoint import latest_checkpoint
 from launcher.export import export
+
+pytestmark = pytest.mark.slow  # multi-process: the full suite, not the fast tier
 
 # 1437 training samples / 64 = 22 steps an epoch: step 11 is mid-epoch, and 30 steps cross an epoch.
 STEPS = 30

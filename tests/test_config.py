@@ -1,4 +1,4 @@
-"""Config loading, overrides and the bad-input messages (issue 2, point 2), and the CLI (point 8)."""
+"""Config loading, overrides and the bad-input messages, and the CLI."""
 import pytest
 import yaml
 

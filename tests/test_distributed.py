@@ -1,4 +1,4 @@
-"""Data parallelism on 2 CPU processes with gloo (issue 3).
+"""Data parallelism on 2 CPU processes with gloo.
 
 Tolerances: the runs below differ only in the order float32 sums are taken (one
 big batch, 4 accumulated micro-batches, or 2 ranks' gradients averaged by an
@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 
 from helpers import ROOT, check, digits_config, losses, metrics, run, worker_env, write_config
 from launcher.export import export
+
+pytestmark = pytest.mark.slow  # multi-process: the full suite, not the fast tier
 
 LOSS_RTOL, WEIGHT_ATOL = 1e-5, 1e-5
 

@@ -1,4 +1,4 @@
-"""Launch-environment detection and the sharded sampler (issue 3, points 1 and 4), in one process."""
+"""Launch-environment detection and the sharded sampler, in one process."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""The recipe contract (issue 2, point 3)."""
+"""The recipe contract."""
 import pytest
 
 from helpers import check, digits_config, losses, metrics, run, write_config

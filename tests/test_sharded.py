@@ -36,6 +36,8 @@ import torch
 
 from helpers import check, losses, metrics, run, write_config
 
+pytestmark = pytest.mark.slow  # multi-process: the full suite, not the fast tier
+
 THIS = Path(__file__).resolve()
 
 # A tiny GPT: 2 layers, width 32, 32-byte windows of the standard library's sources.

@@ -1,4 +1,4 @@
-"""Exact resume, resume at another world size and export for the sharded strategies (issue 5).
+"""Exact resume, resume at another world size and export for the sharded strategies.
 
 The tiny GPT on 2 CPU processes: a run stopped mid-epoch (its checkpoint copied into
 a fresh run dir, as a crash right after the save leaves it) and resumed reaches the
@@ -9,6 +9,8 @@ import torch
 
 from helpers import check, run, write_config
 from test_checkpoint import assert_same_weights, by_step, start_from_checkpoint, weights
+
+pytestmark = pytest.mark.slow  # multi-process: the full suite, not the fast tier
 
 GPT = {"name": "recipes.gpt", "n_layer": 2, "n_head": 2, "d_model": 32, "seq_len": 32, "max_chars": 40000}
 STEPS = 16  # about 1200 windows / 16 a step = 70 steps an epoch: step 7 is mid-epoch

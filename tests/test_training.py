@@ -1,4 +1,4 @@
-"""The single-process loop (issue 2, points 4 to 7)."""
+"""The single-process loop."""
 import math
 import time
 
