@@ -2,12 +2,15 @@
 mid-save, a validation that crashes after the last step, a rank that stops making progress.
 """
 import os
+import random
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
-from helpers import check, digits_config, metrics, run, write_config
+from helpers import ROOT, check, digits_config, metrics, run, worker_env, write_config
 from test_checkpoint import by_step, children, start
 
 pytestmark = pytest.mark.slow
@@ -93,3 +96,22 @@ def test_a_rank_that_stops_making_progress_ends_the_job_within_the_timeout(tmp_p
     last_step = max(r["step"] for r in metrics(tmp_path / "run")[0])
     assert last_step == 2
     assert elapsed < timeout + 60, elapsed
+
+
+def test_what_a_worker_printed_is_flushed_before_it_exits(tmp_path):
+    """Workers leave with os._exit (no interpreter finalization), so their buffered output must
+    be flushed first. Tasks started the way srun starts them (no `python -u`, unlike torchrun's
+    workers) and rank 1, which prints nothing else that would flush its buffer."""
+    cfg = config(tmp_path, "run", say_in_validation="unflushed-words")
+    job_id = str(random.randint(1, 10**6))
+    procs = []
+    for rank in range(2):
+        env = worker_env({"SLURM_PROCID": str(rank), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(rank),
+                          "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": job_id,
+                          "SLURM_JOB_NUM_NODES": "1",
+                          "PYTHONUNBUFFERED": ""})  # an empty value: buffered, as by default
+        procs.append(subprocess.Popen([sys.executable, "-m", "launcher", "run", str(cfg)], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "unflushed-words" in outs[1][0]

@@ -21,6 +21,7 @@ class Config(digits.Config):
     slow_save_at: int = 0  # the n-th save takes slow_save_s per item written
     slow_save_s: float = 0.0
     fail_validation: bool = False
+    say_in_validation: str = ""  # printed without flush: block-buffered when stdout is a pipe
 
 
 SETTINGS = {}
@@ -46,6 +47,8 @@ def loss(model, batch):
 def metrics(model, batch):
     if SETTINGS["fail_validation"]:
         raise RuntimeError("deliberate failure in validation")
+    if SETTINGS["say_in_validation"]:
+        print(SETTINGS["say_in_validation"], end=" ")
     return digits.metrics(model, batch)
 
 
