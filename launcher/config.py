@@ -23,7 +23,7 @@ class Section(BaseModel):
 
 class TrainConfig(Section):
     global_batch_size: int = Field(64, gt=0)
-    micro_batch_size: Optional[int] = Field(None, gt=0)  # per device; default: global / world
+    micro_batch_size: Optional[int] = Field(None, gt=0)  # the most per device; default: global / world
     epochs: int = Field(1, gt=0)
     max_steps: Optional[int] = Field(None, gt=0)  # when set, it decides the length and epochs is ignored
     grad_clip: Optional[float] = Field(None, gt=0)

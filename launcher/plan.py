@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .strategies import resolve_name
-from .trainer import batch_plan
+from .trainer import batch_plan, describe_batch
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 OPTIM_STATES = {"sgd": 1, "adam": 2, "adamw": 2}  # fp32 tensors per parameter
@@ -27,8 +27,7 @@ def describe(cfg, recipe, world_size: int) -> str:
     optim = n_train * 4 * OPTIM_STATES[cfg.optim.name] / (world_size if shard_optim else 1)
     return "\n".join([
         f"strategy: {strategy}   world size: {world_size}   precision: {cfg.precision}",
-        f"batch: global {plan.global_batch} = micro {plan.micro_batch} x world {world_size} "
-        f"x accumulation {plan.accumulation}",
+        f"batch: {describe_batch(cfg, plan)}",
         f"parameters: {n_params:,} ({n_train:,} trainable)",
         f"memory per rank (fp32 master weights, before activations): params {params / gib:.3f} GiB, "
         f"grads {grads / gib:.3f} GiB, optimizer {optim / gib:.3f} GiB, total {(params + grads + optim) / gib:.3f} GiB",

@@ -46,7 +46,9 @@ JOB_BODY = BODY_START + r"""
 #          then the job ends with that code. SLURM_RESTART_COUNT counts every requeue of
 #          the job, preemptions included.
 # A job SLURM ends itself (scancel, time limit, preemption: SIGTERM to every process) saves a
-# checkpoint too (exit 3) but is not requeued by this script; resubmit it to resume.
+# checkpoint if it can within KillWait, but is not requeued by this script (preemption with
+# PreemptMode=REQUEUE requeues it); nor are tasks sent SIGTERM alone (`scancel --signal=TERM`).
+# Submit the same job again to resume.
 #
 # Signals: SLURM sends --signal and `scancel --signal` to the job steps, i.e. to every process
 # of the srun tasks (launcher passes it on to its workers as well). The batch shell itself
@@ -99,6 +101,10 @@ if [ -n "${ended:-}" ]; then exit 10; fi
 if [ "$rc" -le 3 ]; then exit $((20 + rc)); fi
 exit 21'
 export LAUNCH NPROC_PER_NODE=${NPROC_PER_NODE:-1}
+# LAUNCH=node: how long torch.distributed.run waits for its workers to save and exit after
+# passing a signal on, before it kills them (torch's default, 30 s, is less than a large
+# checkpoint takes). Keep it below the --signal warning.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-170}
 SRUN=(srun --kill-on-bad-exit=1)
 # srun of SLURM 22.05 and 23.02 does not take --cpus-per-task from the job: pass it on.
 if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then SRUN+=(--cpus-per-task="$SLURM_CPUS_PER_TASK"); fi
@@ -148,7 +154,7 @@ if [ "$RC" -eq 0 ]; then
     say "finished"
     exit 0
 elif [ -n "$TERMINATED" ]; then
-    say "ended by SLURM (exit $RC): not requeued by this script"
+    say "ended by SLURM (exit $RC): not requeued by this script; submit the job again to resume from its latest checkpoint"
     exit "$RC"
 elif [ "$RC" -eq 2 ]; then
     say "bad input (exit 2): not requeued; fix the config or command and submit again"
@@ -285,29 +291,32 @@ def extra_lines(extras: list[str]) -> list[str]:
 
 def render(args, *, config_path: Path, job_name: str, nproc: int, slurm_dir: Path, origin: str) -> str:
     """The batch script: #SBATCH options, the job's settings, then JOB_BODY."""
-    options = [
-        sbatch_line("--job-name", job_name),
-        sbatch_line("--nodes", args.nodes),
-        sbatch_line("--ntasks-per-node", 1) + "        # one launcher per node; it starts the node's workers",
+    options: list[tuple[str, str]] = [
+        (sbatch_line("--job-name", job_name), ""),
+        (sbatch_line("--nodes", args.nodes), ""),
+        (sbatch_line("--ntasks-per-node", 1), "one launcher per node; it starts the node's workers"),
     ]
     if args.gpus_per_node:
-        options.append(sbatch_line("--gpus-per-node", args.gpus_per_node))
+        options.append((sbatch_line("--gpus-per-node", args.gpus_per_node), "= workers per node"
+                        if nproc == args.gpus_per_node else ""))
     for option, value in (("--cpus-per-task", args.cpus_per_task), ("--partition", args.partition),
                           ("--time", args.time), ("--account", args.account), ("--qos", args.qos),
                           ("--constraint", args.constraint), ("--mem", args.mem)):
         if value is not None:
-            options.append(sbatch_line(option, value))
+            options.append((sbatch_line(option, value), ""))
     if args.exclusive:
-        options.append(sbatch_line("--exclusive"))
+        options.append((sbatch_line("--exclusive"), ""))
     options += [
-        sbatch_line("--requeue") + "                   # the job may requeue itself (and SLURM may, on a node failure)",
-        sbatch_line("--signal", f"USR1@{SIGNAL_WARNING_S}") + "           # time-limit warning to every task: "
-        "checkpoint at the next step, exit 3, requeue",
-        sbatch_line("--open-mode", "append") + "        # a requeued job appends to its log",
-        sbatch_line("--output", f"{slurm_dir}/%x-%j.out"),
-        sbatch_line("--chdir", Path.cwd()) + "  # relative paths in the config (run_dir, recipe files) mean the same",
-        *extra_lines(args.extra_sbatch),
+        (sbatch_line("--requeue"), "the job may requeue itself (and SLURM may, after a node failure)"),
+        (sbatch_line("--signal", f"USR1@{SIGNAL_WARNING_S}"),
+         "before the time limit, to every task: checkpoint, exit 3, requeue"),
+        (sbatch_line("--open-mode", "append"), "a requeued job appends to its log"),
+        (sbatch_line("--output", f"{slurm_dir}/%x-%j.out"), ""),
+        (sbatch_line("--chdir", Path.cwd()), "relative paths in the config mean what they meant here"),
+        *((line, "") for line in extra_lines(args.extra_sbatch)),
     ]
+    width = max(len(line) for line, comment in options if comment) + 2
+    sbatch_lines = [f"{line:<{width}}# {comment}" if comment else line for line, comment in options]
     settings = [f"CONFIG={shlex.quote(str(config_path))}   # the resolved config, saved when the job was written",
                 "OVERRIDES=()",
                 "LAUNCH=node",
@@ -321,7 +330,7 @@ def render(args, *, config_path: Path, job_name: str, nproc: int, slurm_dir: Pat
         f"# Written by `launcher slurm` on {time.strftime('%Y-%m-%d %H:%M:%S')} from: {origin}",
         f"# {args.nodes} node(s) x {nproc} worker(s) per node. Submit: sbatch {slurm_dir / 'job.sbatch'}",
         "# (sbatch options on the command line override the #SBATCH lines below).",
-        *options,
+        *sbatch_lines,
         "",
         *settings,
         "",

@@ -50,25 +50,34 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 def batch_plan(cfg: Config, world_size: int, dataset_len: int | None = None) -> data_mod.BatchPlan:
-    """Derive and check G = A * M * W. Raises ConfigError with valid alternatives."""
-    G = cfg.train.global_batch_size
-    M = cfg.train.micro_batch_size or max(1, G // world_size)
-    if G % (M * world_size):
-        micro = [m for m in range(1, G // world_size + 1) if G % (m * world_size) == 0]
-        glob = sorted({(G // (M * world_size) + d) * M * world_size for d in (0, 1) if (G // (M * world_size) + d) > 0})
+    """Derive G = A * M * W. train.micro_batch_size is the most one device holds: the micro batch
+    is the largest M within it that makes the accumulation A whole (docs/design.md, Batch math).
+    Raises ConfigError when no micro batch can serve G at this world size."""
+    G, W = cfg.train.global_batch_size, world_size
+    if G % W:
+        glob = sorted({max(W, (G // W + d) * W) for d in (0, 1)})
         raise ConfigError(
-            f"train.global_batch_size={G} is not a multiple of micro_batch_size x world size = {M} x {world_size}"
-            f" = {M * world_size}, so gradient accumulation would not be a whole number. Valid "
-            f"train.micro_batch_size values for this world size: {micro or 'none'}; or set "
-            f"train.global_batch_size to one of {glob}"
+            f"train.global_batch_size={G} cannot be split evenly over {W} processes, whatever the micro batch: "
+            f"set it to a multiple of the world size, such as {' or '.join(map(str, glob))}"
         )
-    plan = data_mod.BatchPlan(G, M, world_size, dataset_len or 0, cfg.data.tail)
+    most = min(cfg.train.micro_batch_size or G // W, G // W)
+    M = max(m for m in range(1, most + 1) if (G // W) % m == 0)
+    plan = data_mod.BatchPlan(G, M, W, dataset_len or 0, cfg.data.tail)
     if dataset_len is not None and plan.steps_per_epoch == 0:
         raise ConfigError(
             f"train.global_batch_size={G} is larger than the training set ({dataset_len} samples): "
             f"lower it, or set data.tail=wrap"
         )
     return plan
+
+
+def describe_batch(cfg: Config, plan: data_mod.BatchPlan) -> str:
+    text = (f"global batch {plan.global_batch} = micro {plan.micro_batch} x {plan.world_size} ranks x "
+            f"{plan.accumulation} accumulation")
+    asked = cfg.train.micro_batch_size
+    if asked and asked != plan.micro_batch:
+        text += f" (train.micro_batch_size={asked} is the most a device holds; {plan.micro_batch} makes the accumulation whole)"
+    return text
 
 
 @dataclass
@@ -131,6 +140,9 @@ class Trainer:
     def fit(self) -> None:
         if self.env.is_main:
             dump_config(self.cfg, self.run_dir / "config.yaml")
+            print(f"{self.recipe.name}: {self.strategy.name} on {self.env.world_size} process(es) ({self.device}), "
+                  f"{describe_batch(self.cfg, self.plan)}; {self.total_steps} steps, {self.plan.steps_per_epoch} "
+                  "an epoch", file=sys.stderr, flush=True)
         previous = self.install_signal_handlers()
         try:
             self.train_loop()

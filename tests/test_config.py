@@ -125,5 +125,5 @@ def test_plan_prints_batch_math_and_memory(tmp_path):
     proc = run(["plan", ROOT / "configs" / "digits.yaml", "--nproc", 2, "train.micro_batch_size=16",
                 f"run_dir={tmp_path / 'r'}"])
     assert proc.returncode == 0, proc.stderr
-    assert "global 64 = micro 16 x world 2 x accumulation 2" in proc.stdout
+    assert "global batch 64 = micro 16 x 2 ranks x 2 accumulation" in proc.stdout
     assert "parameters: 26,122" in proc.stdout and "memory per rank" in proc.stdout

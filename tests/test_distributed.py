@@ -243,3 +243,15 @@ def test_a_failing_rank_stops_the_job(tmp_path):
     assert proc.returncode == 1
     assert time.perf_counter() - start < 90
     assert "deliberate failure on rank 1 at micro-step 3" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_shipped_config_trains_at_1_and_2_processes(tmp_path, config, nproc):
+    """Unchanged but for the run's length and place: train.micro_batch_size is a maximum, so a
+    config written for one process runs on two."""
+    proc = check(run(["run", ROOT / "configs" / config, "--nproc", nproc, "train.max_steps=3",
+                      f"run_dir={tmp_path / 'run'}"]))
+    rows, val = metrics(tmp_path / "run")
+    assert [r["step"] for r in rows][-1] == 3 and len(val) == 1
+    assert f"on {nproc} process(es)" in proc.stderr

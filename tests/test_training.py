@@ -99,11 +99,24 @@ def test_gradient_clipping_bounds_the_update(tmp_path):
     assert moved.item() == pytest.approx(1e-3, rel=1e-4)
 
 
-def test_accumulation_must_divide(tmp_path):
-    cfg = write_config(tmp_path / "c.yaml", digits_config(tmp_path / "run", train={"micro_batch_size": 24}))
-    proc = run(["run", cfg])
+def test_micro_batch_size_is_the_most_a_device_holds(tmp_path):
+    """24 does not divide 64: the largest micro batch within it that does (16, so 4 accumulation
+    steps) is used and announced; the math is the global batch's either way."""
+    whole = write_config(tmp_path / "whole.yaml", digits_config(tmp_path / "whole", train={"max_steps": 5}))
+    check(run(["run", whole]))
+    cfg = write_config(tmp_path / "c.yaml", digits_config(tmp_path / "run", train={"micro_batch_size": 24,
+                                                                                   "max_steps": 5}))
+    proc = check(run(["run", cfg]))
+    assert "global batch 64 = micro 16 x 1 ranks x 4 accumulation (train.micro_batch_size=24" in proc.stderr
+    assert losses(tmp_path / "run") == pytest.approx(losses(tmp_path / "whole"), rel=1e-5)
+
+
+def test_a_global_batch_no_micro_batch_can_serve_is_refused(tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", digits_config(tmp_path / "run", train={"global_batch_size": 63}))
+    proc = run(["run", cfg, "--nproc", 2])
     assert proc.returncode == 2
-    assert "micro_batch_size" in proc.stderr and "[1, 2, 4, 8, 16, 32, 64]" in proc.stderr
+    assert "train.global_batch_size=63 cannot be split evenly over 2 processes" in proc.stderr
+    assert "62 or 64" in proc.stderr
 
 
 def test_parity_with_a_hand_written_loop(tmp_path):
