@@ -313,6 +313,12 @@ class Checkpointer:
         finalize()
         barrier()
 
+    def mark_finished(self, step: int) -> None:
+        """The run ended with this checkpoint and its final validation: a rerun has nothing to do."""
+        path = self.dir / step_dir_name(step)
+        if self.rank == 0 and is_complete(path):
+            write_atomic(path / "meta.json", json.dumps({**read_meta(path), "finished": True}))
+
     def prune(self) -> None:
         keep = set(complete_checkpoints(self.dir)[-self.cfg.keep_last :])
         pointer = self.dir / "latest"

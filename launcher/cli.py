@@ -10,6 +10,7 @@ import importlib.util
 import os
 import sys
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import errors
@@ -167,11 +168,46 @@ def check_inputs(cfg: Config, world_size: int, origin: str):
         from .strategies.deepspeed import ds_config
 
         ds_config(cfg, plan, cuda=False)  # raises for what DeepSpeed cannot run
-    resume_source(cfg.checkpoint, Path(cfg.run_dir), world_size, may_move=global_rank_zero())
+    resume = resume_source(cfg.checkpoint, Path(cfg.run_dir), world_size, may_move=global_rank_zero())
+    if resume is not None:
+        check_resume_config(resume, cfg)
     check_writable(Path(cfg.run_dir))
     train_set, _ = recipe.build_data()
-    batch_plan(cfg, world_size, len(train_set))  # a train set smaller than one global batch
-    return recipe
+    plan = batch_plan(cfg, world_size, len(train_set))  # a train set smaller than one global batch
+    return Checked(recipe, plan, resume)
+
+
+@dataclass
+class Checked:
+    """What check_inputs found out: the loaded recipe, the batch plan and where a run resumes."""
+
+    recipe: object
+    plan: object
+    resume: Path | None
+
+
+def check_resume_config(path: Path, cfg: Config) -> None:
+    """A checkpoint records its run's config: resuming under one that changes the math is refused."""
+    from .checkpoint import read_meta
+    from .config import config_changes
+
+    saved = read_meta(path).get("config")
+    if saved is None:
+        return
+    math, other = config_changes(saved, cfg)
+    diff = "\n  ".join(math)
+    if math and cfg.checkpoint.resume_changed != "allow":
+        raise ConfigError(
+            f"{path} was trained with another config, and these changes alter the training math:\n  {diff}\n"
+            "Resuming would mix two runs. Use a fresh run_dir, or checkpoint.resume=never to start afresh here "
+            "(the earlier checkpoints are set aside, not deleted), or checkpoint.resume_changed=allow to resume anyway")
+    if not global_rank_zero():
+        return
+    if math:
+        print(f"warning: resuming {path.name} with a config that changes the training math "
+              f"(checkpoint.resume_changed=allow):\n  {diff}", file=sys.stderr)
+    if other:
+        print(f"note: resuming {path.name} with changed settings: {'; '.join(other)}", file=sys.stderr)
 
 
 def check_writable(path: Path, what: str = "run_dir") -> None:
@@ -210,14 +246,30 @@ def cmd_run(args) -> int:
     if args.nproc is not None:
         check_node_launch(args, env)
     world = args.nproc * args.nnodes if args.nproc else env.world_size
-    recipe = check_inputs(cfg, world, args.config)
+    checked = check_inputs(cfg, world, args.config)
+    if checked.resume is not None and finished(checked.resume, cfg, checked.plan):
+        return errors.DONE
     if args.nproc:
         from .spawn import spawn
 
-        del recipe  # and the data set it built to check it: the workers build their own
+        del checked  # and the data set built to check it: the workers build their own
         return spawn([args.config, *args.overrides], nproc=args.nproc, nnodes=args.nnodes,
                      node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint, max_restarts=args.max_restarts)
-    return run_worker(cfg, env, recipe)
+    return run_worker(cfg, env, checked.recipe)
+
+
+def finished(resume: Path, cfg: Config, plan) -> bool:
+    """Rerunning a finished run: say so, and do nothing (no second validation row)."""
+    from .checkpoint import read_meta
+    from .trainer import total_steps
+
+    meta = read_meta(resume)
+    if not meta.get("finished") or meta["step"] < total_steps(cfg, plan):
+        return False
+    if global_rank_zero():
+        print(f"{cfg.run_dir} finished at step {meta['step']}: nothing to do. Raise train.max_steps (or "
+              "train.epochs) to train on, or set checkpoint.resume=never to start afresh", file=sys.stderr)
+    return True
 
 
 def check_node_launch(args, env) -> None:
@@ -280,9 +332,9 @@ def cmd_plan(args) -> int:
     from .plan import describe
 
     cfg = load_config(args.config, args.overrides)
-    recipe = check_inputs(cfg, args.nproc, args.config)
+    checked = check_inputs(cfg, args.nproc, args.config)
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    print(describe(cfg, recipe, args.nproc))
+    print(describe(cfg, checked.recipe, args.nproc))
     return 0
 
 

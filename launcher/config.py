@@ -62,6 +62,8 @@ class CheckpointConfig(Section):
     every_steps: Optional[int] = Field(None, gt=0)
     keep_last: int = Field(3, gt=0)
     resume: str = "auto"  # auto | never | a checkpoint directory
+    # refuse: resuming with a config that changes the training math is an error; allow: a warning
+    resume_changed: Literal["refuse", "allow"] = "refuse"
     async_save: bool = Field(False, alias="async")
 
 
@@ -268,3 +270,35 @@ def dump_config(cfg: Config, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     tmp.replace(path)
+
+
+# ---------------------------------------------------------------- resuming with another config
+
+# What changes the training math: resuming a checkpoint under a config that differs here would
+# mix two runs. Everything else (length, logging, checkpoints, strategy, world size, workers)
+# may change on resume, with a note.
+MATH_KEYS = ("recipe.", "precision", "train.global_batch_size", "train.seed", "train.grad_clip",
+             "train.on_nonfinite", "optim.", "schedule.", "data.shuffle", "data.tail")
+NOT_COMPARED = ("run_dir", "checkpoint.resume", "checkpoint.resume_changed")
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def config_changes(saved: dict, cfg: Config) -> tuple[list[str], list[str]]:
+    """(changes to the training math, other changes) between a checkpoint's config and cfg."""
+    old, new = flatten(saved), flatten(cfg.to_dict())
+    math, other = [], []
+    for key in sorted(set(old) | set(new)):
+        if key in NOT_COMPARED or old.get(key) == new.get(key):
+            continue
+        line = f"{key}: {old.get(key, '(unset)')!r} -> {new.get(key, '(unset)')!r}"
+        (math if key.startswith(MATH_KEYS) else other).append(line)
+    return math, other

@@ -71,6 +71,10 @@ def batch_plan(cfg: Config, world_size: int, dataset_len: int | None = None) -> 
     return plan
 
 
+def total_steps(cfg: Config, plan: data_mod.BatchPlan) -> int:
+    return cfg.train.max_steps or cfg.train.epochs * plan.steps_per_epoch
+
+
 def describe_batch(cfg: Config, plan: data_mod.BatchPlan) -> str:
     text = (f"global batch {plan.global_batch} = micro {plan.micro_batch} x {plan.world_size} ranks x "
             f"{plan.accumulation} accumulation")
@@ -100,7 +104,7 @@ class Trainer:
         train_set, self.val_set = self.recipe.build_data()
         self.plan = batch_plan(cfg, env.world_size, len(train_set))
         t = cfg.train
-        self.total_steps = t.max_steps or t.epochs * self.plan.steps_per_epoch
+        self.total_steps = total_steps(cfg, self.plan)
         self.loader = data_mod.train_loader(
             train_set, self.plan, env.rank, t.seed, cfg.data.shuffle, cfg.data.num_workers,
             self.recipe.collate, pin_memory=device.type == "cuda",
@@ -149,6 +153,7 @@ class Trainer:
             self.save()  # before the final validation: a failure there loses no trained step
             self.checkpointer.wait()
             self.evaluate(max(0, self.step - 1) // self.plan.steps_per_epoch)
+            self.checkpointer.mark_finished(self.step)
         except NonFiniteError:
             self.checkpointer.wait()  # an async save still in flight is the last good checkpoint
             raise
@@ -323,6 +328,7 @@ class Trainer:
             "strategy": self.strategy.name,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.precision.scaler.state_dict() if self.precision.scaler else None,
+            "config": self.cfg.to_dict(),  # a resume under a config that changes the math is refused
         }
         self.watchdog.suspend(True)
         try:
