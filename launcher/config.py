@@ -145,7 +145,25 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         key, value = parse_override(item)
         set_dotted(raw, key, value)
         sources[tuple(key.split("."))] = f"override `{item}`"
-    return validate(raw, str(path), sources)
+    cfg = validate(raw, str(path), sources)
+    cfg.recipe["name"] = resolve_recipe_file(cfg.recipe["name"], path.parent)
+    return cfg
+
+
+def resolve_recipe_file(name: str, config_dir: Path) -> str:
+    """A recipe given as a relative file path is looked for beside the config, then in the
+    working directory; the resolved config holds the absolute path. Dotted names stay as they are."""
+    if not (name.endswith(".py") or "/" in name or "\\" in name):
+        return name
+    given = Path(name)
+    if given.is_absolute():
+        return name
+    candidates = list(dict.fromkeys([(config_dir / given).resolve(), (Path.cwd() / given).resolve()]))
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise ConfigError(f"recipe file {name} not found: looked beside the config ({candidates[0]})"
+                          + (f" and in the working directory ({candidates[1]})" if len(candidates) > 1 else ""))
+    return str(found)
 
 
 def parse_override(item: str) -> tuple[str, Any]:

@@ -34,6 +34,9 @@ def import_recipe(name: str):
             path = Path(name)
             if not path.is_file():
                 raise ConfigError(f"recipe file {name} does not exist")
+            # As a script would: the modules beside the recipe import by their plain names.
+            if str(path.parent) not in sys.path:
+                sys.path.insert(0, str(path.parent))
             spec = importlib.util.spec_from_file_location(path.stem, path)
             module = importlib.util.module_from_spec(spec)
             sys.modules[path.stem] = module  # so that pickling (dataloader workers) finds it

@@ -61,3 +61,25 @@ def test_lightning_shaped_model_trains(tmp_path):
     assert train_rows[-1]["loss"] < 0.5 * train_rows[0]["loss"]
     assert train_rows[0]["lr"] == pytest.approx(1e-2)
     assert val_rows[-1]["accuracy"] > 0.8
+
+
+def test_a_recipe_file_imports_the_modules_beside_it_and_resolves_beside_the_config(tmp_path):
+    """Like a script: `from mymodel import build` finds mymodel.py next to the recipe, and a
+    relative recipe path is looked for beside the config first, whatever the working directory."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "mymodel.py").write_text(
+        "from torch import nn\n\ndef build(hidden):\n"
+        "    return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))\n")
+    (project / "myrecipe.py").write_text(
+        "from mymodel import build\nfrom recipes.digits import Config, data, loss\n\n"
+        "def model(cfg):\n    return build(cfg.hidden)\n")
+    cfg = write_config(project / "c.yaml", digits_config(tmp_path / "run", recipe={"name": "myrecipe.py",
+                                                                                   "hidden": 32}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    check(run(["run", cfg, "train.max_steps=3"], cwd=elsewhere))
+    assert [r["step"] for r in metrics(tmp_path / "run")[0]] == [1, 2, 3]
+    proc = run(["run", cfg, "recipe.name=missing.py"], cwd=elsewhere)
+    assert proc.returncode == 2
+    assert str(project / "missing.py") in proc.stderr and str(elsewhere / "missing.py") in proc.stderr
