@@ -98,8 +98,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_rng(path: Path) -> dict:
-    """A rank's RNG file, read without running any code it might carry."""
+def load_safely(path: Path) -> dict:
+    """A file of tensors and plain values launcher wrote (a rank's RNG states, a module's
+    checkpoint additions), read without running any code it might carry."""
     try:
         return torch.load(path, weights_only=True)
     except Exception as e:
@@ -152,8 +153,8 @@ def check_loadable(path: Path) -> list[str]:
     """problems(), plus the RNG files read safely (a tampered one raises ConfigError)."""
     found = problems(path)
     if not found:
-        for rng in sorted(path.glob("rng_*.pt")):
-            load_rng(rng)
+        for file in sorted(path.glob("rng_*.pt")) + sorted(path.glob("module_extra.pt")):
+            load_safely(file)
     return found
 
 
@@ -244,7 +245,7 @@ class Checkpointer:
 
     # ------------------------------------------------------------ save
 
-    def save(self, step: int, strategy, meta: dict) -> None:
+    def save(self, step: int, strategy, meta: dict, extra: dict | None = None) -> None:
         """Every rank calls this at the same step. Returns once this rank's part is
         written (sync) or staged (async)."""
         self.wait()  # one save in flight at a time
@@ -260,6 +261,8 @@ class Checkpointer:
                 tmp.mkdir(parents=True)
             barrier()
             torch.save(rng_state(), tmp / f"rng_{self.rank}.pt")
+            if extra and self.rank == 0:  # a LightningModule's own additions (on_save_checkpoint)
+                torch.save(extra, tmp / "module_extra.pt")
             future = strategy.save_checkpoint(tmp, async_save=self.cfg.async_save)
 
         def finalize() -> None:
@@ -346,10 +349,15 @@ class Checkpointer:
             return latest_checkpoint(self.dir, warn)
         return Path(how)
 
+    def load_extra(self, path: Path) -> dict:
+        """What the module added to the checkpoint (on_save_checkpoint), read safely; {} if nothing."""
+        file = path / "module_extra.pt"
+        return load_safely(file) if file.is_file() else {}
+
     def load(self, path: Path, strategy) -> dict:
         """Load model, optimizer and this rank's RNG states; return meta.json."""
         strategy.load_checkpoint(path)
         rng = path / f"rng_{self.rank}.pt"
         if rng.is_file():  # a different world size has no file for the new ranks
-            set_rng_state(load_rng(rng))
+            set_rng_state(load_safely(rng))
         return read_meta(path)

@@ -55,16 +55,20 @@ class ConsoleLogger:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        self.prog_bar: set[str] = set()  # more train values to show (a LightningModule's prog_bar=True)
 
     def log(self, row: dict) -> None:
         if "split" in row:
             text = " ".join(f"{k}={fmt(v)}" for k, v in row.items() if k not in ("split", "time"))
-            self.bar.write(f"[val] {text}") if self.bar else print(f"[val] {text}", flush=True)
+            line = f"[{row['split']}] {text}"
+            self.bar.write(line) if self.bar else print(line, flush=True)
             return
         if self.bar:
-            self.bar.set_postfix(loss=fmt(row["loss"]), samples_s=fmt(row["samples_per_s"]), refresh=False)
+            self.bar.set_postfix(loss=fmt(row["loss"]), samples_s=fmt(row["samples_per_s"]), refresh=False,
+                                 **{k: fmt(row[k]) for k in self.prog_bar if k in row})
         else:
-            keys = ("step", "epoch", "loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "mfu")
+            keys = ("step", "epoch", "loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "mfu",
+                    *sorted(self.prog_bar))
             print(" ".join(f"{k}={fmt(row[k])}" for k in keys if k in row), flush=True)
 
     def advance(self, steps: int = 1) -> None:

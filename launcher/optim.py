@@ -36,3 +36,30 @@ def lr_factor(cfg: ScheduleConfig, total_steps: int):
 
 def build_scheduler(cfg: ScheduleConfig, optimizer: torch.optim.Optimizer, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, total_steps))
+
+
+class Schedule:
+    """A learning-rate scheduler and when it steps: every `frequency` optimizer steps
+    (interval "step"), or at the end of every `frequency` epochs (interval "epoch")."""
+
+    def __init__(self, scheduler, interval: str = "step", frequency: int = 1, source: str = "the config's schedule:"):
+        if interval not in ("step", "epoch"):
+            raise ConfigError(f"a scheduler's interval must be 'step' or 'epoch', not {interval!r}")
+        if type(scheduler).__name__ == "ReduceLROnPlateau":
+            raise ConfigError("ReduceLROnPlateau (a scheduler stepped with a monitored metric) is not supported: "
+                              "use a scheduler stepped by count (StepLR, CosineAnnealingLR, LambdaLR, ...)")
+        self.scheduler, self.interval, self.frequency, self.source = scheduler, interval, frequency, source
+
+    def after_step(self, applied: bool, step: int, steps_per_epoch: int) -> None:
+        """Called after optimizer step number `step` (1-based); `applied` is False when it was skipped."""
+        if self.interval == "step":
+            if applied and step % self.frequency == 0:
+                self.scheduler.step()
+        elif step % steps_per_epoch == 0 and (step // steps_per_epoch) % self.frequency == 0:
+            self.scheduler.step()
+
+    def state_dict(self) -> dict:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scheduler.load_state_dict(state)

@@ -28,6 +28,8 @@ def describe(cfg, recipe, world_size: int) -> str:
     return "\n".join([
         f"strategy: {strategy}   world size: {world_size}   precision: {cfg.precision}",
         f"batch: {describe_batch(cfg, plan)}",
+        f"optimizer: {recipe.replaces().get('optim', f'the config (optim.name={cfg.optim.name}, lr={cfg.optim.lr})')}",
+        f"schedule: {recipe.replaces().get('schedule', f'the config (schedule.decay={cfg.schedule.decay}, warmup_steps={cfg.schedule.warmup_steps})')}",
         f"parameters: {n_params:,} ({n_train:,} trainable)",
         f"memory per rank (fp32 master weights, before activations): params {params / gib:.3f} GiB, "
         f"grads {grads / gib:.3f} GiB, optimizer {optim / gib:.3f} GiB, total {(params + grads + optim) / gib:.3f} GiB",

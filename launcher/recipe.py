@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+import inspect
 import os
 import sys
 import traceback
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError, validate_recipe_fields
+from .lightning import LightningAdapter, check_module, is_lightning_shaped
 
 REQUIRED = ("model", "data", "loss")
 
@@ -57,36 +59,13 @@ def import_recipe(name: str):
         raise ConfigError(f"recipe `{name}` failed to import: {user_traceback(e)}") from None
 
 
-class LightningAdapter(nn.Module):
-    """Lets a LightningModule-shaped model train: forward() is its training_step.
-
-    Calling through forward (rather than model.training_step directly) keeps the
-    hooks that DDP and FSDP attach to forward working.
-    """
-
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, batch, batch_idx: int = 0):
-        return self.module.training_step(batch, batch_idx)
-
-
-def is_lightning_shaped(model: nn.Module) -> bool:
-    return callable(getattr(model, "training_step", None)) and callable(getattr(model, "configure_optimizers", None))
-
-
-def lightning_loss(model: nn.Module, batch):
-    out = model(batch)
-    return out["loss"] if isinstance(out, dict) else out
-
-
 @dataclasses.dataclass
 class Recipe:
     name: str
     module: Any
     cfg: Any  # the recipe's Config instance, or None
     _data: tuple | None = dataclasses.field(default=None, repr=False)
+    _lightning: bool | None = dataclasses.field(default=None, repr=False)
 
     @classmethod
     def load(cls, section: dict, origin: str = "the config") -> "Recipe":
@@ -102,7 +81,7 @@ class Recipe:
 
     def check(self) -> None:
         missing = [f for f in REQUIRED if not callable(getattr(self.module, f, None))]
-        if missing == ["loss"] and isinstance(self.check_model(), LightningAdapter):
+        if missing == ["loss"] and self.is_lightning():
             missing = []  # training_step is the loss
         if missing:
             raise ConfigError(
@@ -110,6 +89,26 @@ class Recipe:
                 "model(cfg) -> nn.Module, data(cfg) -> (train, val) and loss(model, batch) -> Tensor "
                 "or (total, count)"
             )
+
+    def check_optimization(self) -> None:
+        """configure_optimizers() called on the meta-device model, to refuse what launcher does not
+        run (several optimizers, a monitored scheduler) before any worker starts."""
+        model = self.check_model()
+        if isinstance(model, LightningAdapter):
+            from .lightning import optimization
+
+            try:
+                optimization(model.module)
+            except ConfigError:
+                raise
+            except Exception:  # it may need real tensors: the workers check it again
+                pass
+
+    def is_lightning(self) -> bool:
+        """Does model() return a LightningModule-shaped module (training_step, configure_optimizers)?"""
+        if self._lightning is None:
+            self._lightning = isinstance(self.check_model(), LightningAdapter)
+        return self._lightning
 
     def check_model(self) -> nn.Module:
         """model() built on the meta device (no memory, no init cost), to check what it returns."""
@@ -128,7 +127,13 @@ class Recipe:
         model = self._call("model", self.module.model, self.cfg)
         if not isinstance(model, nn.Module):
             raise RecipeError(f"recipe `{self.name}`: model() must return an nn.Module, not {type(model).__name__}")
-        return LightningAdapter(model) if is_lightning_shaped(model) else model
+        if not is_lightning_shaped(model):
+            return model
+        check_module(model)
+        for hook, args in (("setup", ("fit",)), ("configure_model", ())):  # deferred building, as Lightning does
+            if callable(getattr(model, hook, None)):
+                self._call(f"model().{hook}", getattr(model, hook), *args)
+        return LightningAdapter(model)
 
     def build_data(self):
         """(train, val), built once per Recipe: the launcher's checks and the trainer share it."""
@@ -144,8 +149,7 @@ class Recipe:
         return self._data
 
     def loss(self, model: nn.Module, batch):
-        fn = getattr(self.module, "loss", None)
-        return fn(model, batch) if fn is not None else lightning_loss(model, batch)
+        return self.module.loss(model, batch)
 
     def loss_is_pair(self, out, step: int) -> bool:
         """Which loss form `out` is: False for a scalar mean, True for a (total, count) pair.
@@ -165,28 +169,46 @@ class Recipe:
 
     def metrics(self, model: nn.Module, batch) -> dict:
         fn = getattr(self.module, "metrics", None)
-        if fn is not None:
-            return fn(model, batch)
-        inner = unwrap(model)
-        if isinstance(inner, LightningAdapter) and callable(getattr(inner.module, "validation_step", None)):
-            out = inner.module.validation_step(batch, 0)
-            return out if isinstance(out, dict) else {} if out is None else {"validation_step": out}
-        return {}
+        return fn(model, batch) if fn is not None else {}
 
-    def optimizer(self, params, model: nn.Module):
-        """The recipe's optimizer or a Lightning configure_optimizers(); None: the config's."""
+    def optimizer(self, model: nn.Module):
+        """(optimizer, Schedule or None) from the recipe's optimizer() and scheduler() hooks or a
+        LightningModule's configure_optimizers(); (None, None): the config's optim: and schedule:.
+
+        optimizer(model, cfg) gets the model (as the user wrote it, unwrapped); the older
+        optimizer(params, cfg), whose first parameter is not named `model`, gets its parameters.
+        """
+        inner = unwrap_lightning(model)
+        if is_lightning_shaped(inner):
+            from .lightning import optimization
+
+            return optimization(inner)
         fn = getattr(self.module, "optimizer", None)
-        if fn is not None:
-            return fn(params, self.cfg)
-        inner = unwrap(model)
-        if isinstance(inner, LightningAdapter):
-            opt = inner.module.configure_optimizers()
-            if isinstance(opt, (list, tuple)):
-                opt = opt[0]
-            if isinstance(opt, dict):
-                opt = opt["optimizer"]
-            return opt
-        return None
+        if fn is None:
+            return None, None
+        first = next(iter(inspect.signature(fn).parameters), "")
+        return fn(inner if first == "model" else inner.parameters(), self.cfg), None
+
+    def schedule(self, optimizer, total_steps: int):
+        """The recipe's scheduler(optimizer, cfg, total_steps), stepped every optimizer step; or None."""
+        fn = getattr(self.module, "scheduler", None)
+        if fn is None:
+            return None
+        from .optim import Schedule
+
+        return Schedule(fn(optimizer, self.cfg, total_steps), source="the recipe's scheduler()")
+
+    def replaces(self) -> dict[str, str]:
+        """The config sections a hook replaces: {section: what is in effect instead}."""
+        out = {}
+        if self.is_lightning():
+            out = {"optim": "configure_optimizers()", "schedule": "configure_optimizers()"}
+        else:
+            if getattr(self.module, "optimizer", None) is not None:
+                out["optim"] = "the recipe's optimizer()"
+            if getattr(self.module, "scheduler", None) is not None:
+                out["schedule"] = "the recipe's scheduler()"
+        return out
 
     @property
     def collate(self):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import shutil
 import signal
 import sys
 import time
@@ -26,15 +27,20 @@ import torch.distributed as dist
 
 from . import data as data_mod
 from .checkpoint import Checkpointer
-from .config import Config, ConfigError, dump_config
+from .config import Config, ConfigError, ScheduleConfig, dump_config
 from .env import DistEnv, rendezvous
 from .errors import NonFiniteError, Stopped
 from .loggers import Loggers
-from .optim import build_optimizer, build_scheduler
+from .lightning import LightningAdapter, LightningRun
+from .optim import Schedule, build_optimizer, build_scheduler
 from .precision import Precision
 from .recipe import Recipe
 from .strategies import resolve_name, strategy_class
 from .watchdog import Watchdog
+
+
+def no_hook(*args) -> None:
+    """A plain recipe has no Lightning hooks."""
 
 
 def seed_everything(seed: int) -> None:
@@ -98,6 +104,7 @@ class Trainer:
     def __init__(self, cfg: Config, env: DistEnv, device: torch.device, recipe: Recipe | None = None):
         self.cfg, self.env, self.device = cfg, env, device
         self.run_dir = Path(cfg.run_dir)
+        self.fresh_run_dir = not self.run_dir.exists()  # a bad input found at the first step removes it
         self.run_dir.mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.train.seed)
         self.recipe = recipe or Recipe.load(cfg.recipe)
@@ -113,15 +120,24 @@ class Trainer:
         # Same seed on every rank right before building: identical initial weights.
         torch.manual_seed(t.seed)
         model = self.recipe.build_model()
+        self.step = 0
+        self.lightning = None
+        if isinstance(model, LightningAdapter):
+            model.module.to(device)  # a LightningModule's own .to() keeps its self.device right
+            self.lightning = LightningRun(model.module, self)
+        self.hook = self.lightning.hook if self.lightning else no_hook
         name = resolve_name(cfg.strategy, env.world_size)
         cls = strategy_class(name)
         self.precision = Precision(cfg.precision, device, use_scaler=cls.uses_torch_scaler)
         self.strategy = cls(cfg, env, device, self.precision, self.plan, self.recipe.shard_units)
+        self.recipe_schedule = None
         self.strategy.setup(model, self.make_optimizer)
-        self.scheduler = build_scheduler(cfg.schedule, self.strategy.optimizer, self.total_steps)
+        # A LightningModule without a scheduler trains at a constant rate, as under Lightning.
+        self.schedule = (self.recipe_schedule or self.recipe.schedule(self.strategy.optimizer, self.total_steps)
+                         or Schedule(build_scheduler(ScheduleConfig() if self.lightning else cfg.schedule,
+                                                     self.strategy.optimizer, self.total_steps)))
 
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint, env.rank)
-        self.step = 0
         self.skipped_steps = 0
         resume = self.checkpointer.resume_path()
         if resume is not None:
@@ -137,7 +153,10 @@ class Trainer:
         self.watchdog = Watchdog(cfg.dist.timeout_s, env.rank, env.world_size, rendezvous())
 
     def make_optimizer(self, model):
-        return self.recipe.optimizer(model.parameters(), model) or build_optimizer(self.cfg.optim, model)
+        """The recipe's (or the LightningModule's) optimizer, else the config's. A scheduler that
+        comes with it is kept for after the strategy's set-up."""
+        optimizer, self.recipe_schedule = self.recipe.optimizer(model)
+        return optimizer or build_optimizer(self.cfg.optim, model)
 
     # ------------------------------------------------------------ the loop
 
@@ -148,19 +167,30 @@ class Trainer:
                   f"{describe_batch(self.cfg, self.plan)}; {self.total_steps} steps, {self.plan.steps_per_epoch} "
                   "an epoch", file=sys.stderr, flush=True)
         previous = self.install_signal_handlers()
+        bad_input = False
         try:
+            self.hook("on_fit_start")
+            self.hook("on_train_start")
             self.train_loop()
+            self.hook("on_train_end")
             self.save()  # before the final validation: a failure there loses no trained step
             self.checkpointer.wait()
             self.evaluate(max(0, self.step - 1) // self.plan.steps_per_epoch)
             self.checkpointer.mark_finished(self.step)
+            self.hook("on_fit_end")
+            self.hook("teardown", "fit")
         except NonFiniteError:
             self.checkpointer.wait()  # an async save still in flight is the last good checkpoint
+            raise
+        except ConfigError:  # the recipe broke its contract at the first step (its loss form)
+            bad_input = True
             raise
         finally:
             self.watchdog.close()
             restore_signal_handlers(previous)
             self.loggers.close()
+            if bad_input and self.step == 0 and self.fresh_run_dir and self.env.is_main:
+                shutil.rmtree(self.run_dir, ignore_errors=True)  # a bad input leaves no run dir behind
 
     def train_loop(self) -> None:
         cfg, plan = self.cfg.train, self.plan
@@ -170,6 +200,7 @@ class Trainer:
             epoch, start = divmod(self.step, plan.steps_per_epoch)
             self.loader.sampler.set_epoch(epoch, start)
             batches = iter(self.loader)
+            self.hook("on_train_epoch_start")
             for _ in range(start, plan.steps_per_epoch):
                 out = self.train_step(batches)
                 self.step += 1
@@ -182,6 +213,8 @@ class Trainer:
                     self.log_train(epoch, window, out, window_steps, now - window_start, now - t0)
                     window.zero_()
                     window_start, window_steps = now, 0
+                if self.step % plan.steps_per_epoch == 0 or self.step == self.total_steps:
+                    self.end_epoch(epoch)
                 if cfg.eval_every_steps and self.step % cfg.eval_every_steps == 0 and self.step < self.total_steps:
                     self.evaluate(epoch)
                 if self.cfg.checkpoint.every_steps and self.step % self.cfg.checkpoint.every_steps == 0:
@@ -199,16 +232,19 @@ class Trainer:
         num = torch.zeros((), device=self.device)
         den = torch.zeros((), device=self.device)
         pair = None
+        first = (self.step % self.plan.steps_per_epoch) * A  # Lightning's batch_idx: micro-batches this epoch
         for j in range(A):
             beat(self.step, j, "data")
             batch = data_mod.to_device(next(batches), self.device)
+            self.hook("on_train_batch_start", batch, first + j)
             with contextlib.nullcontext() if j == A - 1 else strategy.no_sync():
                 beat(self.step, j, "forward")
                 with self.precision.autocast():
-                    out = self.recipe.loss(strategy.model, batch)
+                    out = self.loss(strategy.model, batch, first + j)
                 if pair is None:
                     pair = self.recipe.loss_is_pair(out, self.step)
                 beat(self.step, j, "backward")
+                self.hook("on_before_backward", out)
                 if pair:
                     total, count = out
                     strategy.backward(total.float())
@@ -217,7 +253,10 @@ class Trainer:
                 else:
                     strategy.backward(out.float() / A)
                     num += out.detach().float() / A
+                self.hook("on_after_backward")
+            self.hook("on_train_batch_end", out, batch, first + j)
         beat(self.step, A - 1, "optimizer")
+        self.hook("on_before_optimizer_step", strategy.optimizer)
         if pair:
             # The one all-reduce a step needs for token losses: the global count.
             totals = all_reduce_sum(torch.stack([num, den]))
@@ -238,12 +277,17 @@ class Trainer:
             strategy.zero_grad()
             self.skipped_steps += 1
             return StepOutput(num, den, grad_norm, False, lr, stop)
+        self.hook("on_before_zero_grad", strategy.optimizer)
         applied = strategy.step()
-        if applied:
-            self.scheduler.step()
-        else:
-            self.skipped_steps += 1  # fp16 overflow: the scaler skipped it; the schedule waits
+        self.schedule.after_step(applied, self.step + 1, self.plan.steps_per_epoch)
+        if not applied:
+            self.skipped_steps += 1  # fp16 overflow: the scaler skipped it; a per-step schedule waits
         return StepOutput(num, den, grad_norm, applied, lr, stop)
+
+    def loss(self, model, batch, batch_idx: int):
+        if self.lightning:
+            return self.lightning.training_step(model, batch, batch_idx)
+        return self.recipe.loss(model, batch)
 
     def step_flags(self, grad_norm: torch.Tensor) -> tuple[bool, bool]:
         """(non-finite gradient, stop requested): the one host sync a step.
@@ -276,7 +320,20 @@ class Trainer:
             row["tokens_per_s"] = samples_per_s * self.tokens_per_sample
         if self.flops_per_sample and self.peak_flops:
             row["mfu"] = samples_per_s * self.flops_per_sample / (world * self.peak_flops)
+        if self.lightning:
+            row.update(self.lightning.step_values())
+            if self.loggers.console:
+                self.loggers.console.prog_bar = self.lightning.prog_bar_names()
         self.loggers.log(row)
+
+    def end_epoch(self, epoch: int) -> None:
+        """A LightningModule's on_epoch training logs, then its on_train_epoch_end."""
+        if self.lightning is None:
+            return
+        values = self.lightning.end_epoch()
+        if values:
+            self.loggers.log({"step": self.step, "epoch": epoch, "split": "train_epoch", **values})
+        self.hook("on_train_epoch_end")
 
     def evaluate(self, epoch: int) -> None:
         """Validation; if it fails, the trained steps are saved first (every rank fails alike)."""
@@ -295,6 +352,8 @@ class Trainer:
             return
         model = self.strategy.eval_model
         model.eval()
+        self.hook("on_validation_start")
+        self.hook("on_validation_epoch_start")
         sums: dict[str, torch.Tensor] = {}
         batch_size = self.cfg.train.eval_batch_size or self.plan.micro_batch
         loader = data_mod.EvalLoader(self.val_set, batch_size, self.env.rank, self.env.world_size,
@@ -303,7 +362,10 @@ class Trainer:
             self.watchdog.beat(self.step, i, "validation")
             batch = data_mod.to_device(batch, self.device)
             with self.precision.autocast():
-                values = {"val_loss": self.recipe.loss(model, batch), **self.recipe.metrics(model, batch)}
+                if self.lightning:  # what validation_step logs (or, for a plain module, returns)
+                    values = self.lightning.validation_step(model, batch, i, n, counts)
+                else:
+                    values = {"val_loss": self.recipe.loss(model, batch), **self.recipe.metrics(model, batch)}
             for key, value in values.items():
                 # A pair is (total, count); a scalar is a mean over the batch's n samples.
                 total, count = value if isinstance(value, (tuple, list)) else (value * n, n)
@@ -311,11 +373,14 @@ class Trainer:
                 if counts:
                     acc += torch.stack([torch.as_tensor(total, dtype=torch.float64, device=self.device),
                                         torch.as_tensor(count, dtype=torch.float64, device=self.device)])
-        model.train()
         keys = sorted(sums)
         reduced = all_reduce_sum(torch.stack([sums[k] for k in keys])).tolist() if keys else []
         row = {"step": self.step, "epoch": epoch, "split": "val"}
         row.update({k: t / c if c else float("nan") for k, (t, c) in zip(keys, reduced)})
+        if self.lightning:
+            row.update(self.lightning.end_validation())
+        self.hook("on_validation_end")
+        model.train()
         self.loggers.log(row)
 
     # ------------------------------------------------------------ checkpoints and signals
@@ -326,13 +391,15 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "world_size": self.env.world_size,
             "strategy": self.strategy.name,
-            "scheduler": self.scheduler.state_dict(),
+            "scheduler": self.schedule.state_dict(),
             "scaler": self.precision.scaler.state_dict() if self.precision.scaler else None,
             "config": self.cfg.to_dict(),  # a resume under a config that changes the math is refused
         }
+        extra = {}  # what a LightningModule adds to its checkpoint in on_save_checkpoint
+        self.hook("on_save_checkpoint", extra)
         self.watchdog.suspend(True)
         try:
-            self.checkpointer.save(self.step, self.strategy, meta)
+            self.checkpointer.save(self.step, self.strategy, meta, extra)
         finally:
             self.watchdog.suspend(False)
 
@@ -342,7 +409,8 @@ class Trainer:
         meta = self.checkpointer.load(path, self.strategy)
         self.step, self.skipped_steps = meta["step"], meta["skipped_steps"]
         self.checkpointer.last_saved_step = self.step  # that checkpoint is this state
-        self.scheduler.load_state_dict(meta["scheduler"])
+        self.schedule.load_state_dict(meta["scheduler"])
+        self.hook("on_load_checkpoint", self.checkpointer.load_extra(path))
         if self.precision.scaler and meta.get("scaler"):
             self.precision.scaler.load_state_dict(meta["scaler"])
         if self.env.is_main:
