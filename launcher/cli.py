@@ -6,9 +6,13 @@ optional dependencies, the run directory) runs here, once, before any worker.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.util
 import os
+import shutil
+import socket
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +28,7 @@ commands:
   launcher plan CONFIG --nproc 8                  resolved config, batch math and memory, no training
   launcher ls                                     the recipes and configs that ship
   launcher export RUN_DIR [--step N] OUT.safetensors
+  launcher slurm CONFIG --nodes 4 --gpus-per-node 8 --submit   write RUN_DIR/slurm/job.sbatch and submit it
 
 Overrides are dotted key=value pairs after the config, parsed as YAML scalars:
 optim.lr=3e-4 recipe.hidden=256 train.max_steps=100.
@@ -36,7 +41,7 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     p = argparse.ArgumentParser(prog="launcher", description="Train a PyTorch recipe on one CPU, "
                                 "a workstation's GPUs or a SLURM cluster.", epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{run,plan,ls,export}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{run,plan,ls,export,slurm}")
 
     run = sub.add_parser("run", help="train a config", description="Train CONFIG with optional key=value overrides.",
                          epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,6 +65,15 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     export.add_argument("run_dir")
     export.add_argument("out", help="the .safetensors file to write")
     export.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+
+    from .slurm import add_arguments as add_slurm_arguments
+
+    slurm = sub.add_parser("slurm", help="write a SLURM batch job for a config (submit it with --submit)",
+                           description="Check CONFIG for N nodes x P workers, save it as RUN_DIR/slurm/config.yaml and "
+                           "write RUN_DIR/slurm/job.sbatch: one srun task per node starting its workers, requeued "
+                           "after a preemption (SIGUSR1) and, a bounded number of times, after a failure.")
+    add_config_args(slurm)
+    add_slurm_arguments(slurm)
     return p, sub.choices
 
 
@@ -123,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_ls()
         if args.command == "export":
             return cmd_export(args)
+        if args.command == "slurm":
+            from .slurm import cmd_slurm
+
+            return cmd_slurm(args)
     except ConfigError as e:
         # Every worker finds the same bad input: one message per node, not one per rank.
         if first_on_node():
@@ -145,7 +163,8 @@ def check_inputs(cfg: Config, world_size: int, origin: str):
     from .trainer import batch_plan
 
     recipe = Recipe.load(cfg.recipe, origin)
-    recipe.check_model()
+    recipe.check_optimization()
+    report_replaced_sections(cfg, recipe)
     plan = batch_plan(cfg, world_size)
     strategy = resolve_name(cfg.strategy, world_size)
     if strategy == "single" and world_size > 1:
@@ -175,6 +194,14 @@ def check_inputs(cfg: Config, world_size: int, origin: str):
     train_set, _ = recipe.build_data()
     plan = batch_plan(cfg, world_size, len(train_set))  # a train set smaller than one global batch
     return Checked(recipe, plan, resume)
+
+
+def report_replaced_sections(cfg: Config, recipe) -> None:
+    """A config section a recipe hook replaces is not silently ignored: say so, once."""
+    for section, instead in recipe.replaces().items():
+        if getattr(cfg, section).model_fields_set and global_rank_zero():
+            print(f"warning: the config's {section}: section is not used: {instead} takes its place",
+                  file=sys.stderr)
 
 
 @dataclass
@@ -210,27 +237,21 @@ def check_resume_config(path: Path, cfg: Config) -> None:
         print(f"note: resuming {path.name} with changed settings: {'; '.join(other)}", file=sys.stderr)
 
 
-def check_writable(path: Path, what: str = "run_dir") -> None:
-    """Can `path` (a directory, perhaps not there yet) be written? Leaves nothing behind."""
-    created = []
+def check_writable(path: Path, what: str | None = None, fix: str = "choose another run_dir or fix its permissions") -> None:
+    """Can `path` (a directory, perhaps not there yet) be written? Creates nothing: the probe
+    file goes in `path` or, if it is not there yet, in its nearest existing parent, so that
+    the nodes of a job checking one shared run dir at once cannot trip over each other."""
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
     try:
-        missing = path
-        while not missing.exists():
-            created.append(missing)
-            missing = missing.parent
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write_test_{os.getpid()}"
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{existing} is not a directory")
+        probe = existing / f".launcher_write_test_{socket.gethostname()}_{os.getpid()}_{time.time_ns()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f"{what}={path} cannot be written ({e.strerror or e}): choose another {what} "
-                          "or fix its permissions") from None
-    finally:
-        for directory in created:  # innermost first
-            try:
-                directory.rmdir()
-            except OSError:
-                pass
+        raise ConfigError(f"{what or f'run_dir={path}'} cannot be written ({e.strerror or e}): {fix}") from None
 
 
 def global_rank_zero() -> bool:
@@ -239,9 +260,9 @@ def global_rank_zero() -> bool:
 
 
 def cmd_run(args) -> int:
+    cfg = load_config(args.config, args.overrides)  # before importing torch: config errors come at once
     from . import env as env_mod
 
-    cfg = load_config(args.config, args.overrides)
     env = env_mod.detect()
     if args.nproc is not None:
         check_node_launch(args, env)
@@ -253,8 +274,14 @@ def cmd_run(args) -> int:
         from .spawn import spawn
 
         del checked  # and the data set built to check it: the workers build their own
-        return spawn([args.config, *args.overrides], nproc=args.nproc, nnodes=args.nnodes,
-                     node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint, max_restarts=args.max_restarts)
+        run_dir = Path(cfg.run_dir)
+        fresh = not run_dir.exists()
+        code = spawn([args.config, *args.overrides], nproc=args.nproc, nnodes=args.nnodes,
+                     node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint, max_restarts=args.max_restarts,
+                     timeout_s=cfg.dist.timeout_s)
+        if code == errors.BAD_INPUT and fresh and not (run_dir / "checkpoints").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)  # found at the first step: a bad input leaves no run dir
+        return code
     return run_worker(cfg, env, checked.recipe)
 
 

@@ -132,12 +132,13 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist (run `launcher ls` to see the configs that ship)")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        with open(path, encoding="utf-8") as stream:  # a named stream: YAML errors name the file
+            raw = yaml.safe_load(stream) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config file {path} cannot be read ({getattr(e, 'strerror', None) or e}): give a readable "
-                          "YAML text file") from None
+        raise ConfigError(f"config file {path} cannot be read ({getattr(e, 'strerror', None) or e}): give the path "
+                          "of a readable YAML text file (UTF-8), such as configs/digits.yaml") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of sections (recipe:, train:, ...), not {type(raw).__name__}")
     sources: dict[tuple, str] = {}

@@ -38,7 +38,8 @@ def export(run_dir: Path, out: Path, step: int | None = None) -> Path:
 
     if out.is_dir():
         raise ConfigError(f"{out} is a directory: give the file to write, e.g. {out / 'model.safetensors'}")
-    check_writable(out.parent, "the output folder")  # before the (long) load, not after
+    check_writable(out.parent, f"{out} (its folder, {out.parent})",  # before the (long) load, not after
+                   "give another output path, or fix the folder's permissions")
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml in it)")
     ckpt = find_checkpoint(run_dir, step)
