@@ -28,6 +28,9 @@ from .config import ConfigError, dump_config, load_config
 # up to a minute early, never late).
 SIGNAL_WARNING_S = 180
 
+# A shorter time limit would have every attempt warned (and requeued) soon after it starts.
+MIN_TIME_S = 600
+
 BODY_START = "# ---------------------------------------------------------------- launcher job body"
 BODY_END = "# ---------------------------------------------------------------- end of launcher job body"
 
@@ -177,6 +180,8 @@ NCCL_NOTES = """\
 # export LAUNCHER_VENV=/shared/launcher/.venv  # a virtualenv to activate (on a filesystem every node sees)
 # export LAUNCHER_PYTHON=python3               # the interpreter (conda: the env's python)
 # export LAUNCHER_MAX_FAILURES=3               # requeues after a failed run (exit 1), counted by SLURM_RESTART_COUNT
+# export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=170    # one task per node: how long torchrun lets its workers save after a
+#                                             # signal (default here 170 s; keep it below the --signal warning)
 # GPU clusters (NCCL):
 # export NCCL_SOCKET_IFNAME=ib0                # the interface the nodes reach each other on (never lo or docker0)
 # export NCCL_IB_HCA=mlx5                      # the InfiniBand adapters to use
@@ -227,6 +232,15 @@ def cmd_slurm(args) -> int:
     if gpus is not None and nproc > gpus:
         raise ConfigError(f"--nproc-per-node {nproc} is more than --gpus-per-node {gpus}: two workers cannot share a "
                           "GPU under NCCL; use at most one worker per GPU")
+    unlimited = (args.time or "").upper() in ("INFINITE", "UNLIMITED")
+    limit = slurm_minutes(args.time) if args.time and not unlimited else None
+    if args.time and not unlimited and limit is None:
+        raise ConfigError(f"--time {args.time}: not a SLURM time limit (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or "
+                          "D-HH:MM:SS)")
+    if limit is not None and limit * 60 < MIN_TIME_S:
+        raise ConfigError(f"--time {args.time} is too short: SIGUSR1 comes {SIGNAL_WARNING_S} s before the limit (SLURM "
+                          f"may send it a minute earlier), so every attempt would stop and requeue before getting "
+                          f"anywhere; ask for at least {MIN_TIME_S // 60} minutes")
     if (args.submit or args.test_only) and shutil.which("sbatch") is None:
         what = "--submit" if args.submit else "--test-only"
         raise ConfigError(f"{what} needs SLURM's sbatch, which is not on PATH: run this on a SLURM login node "
@@ -266,6 +280,21 @@ def cmd_slurm(args) -> int:
     elif not args.test_only:
         print(f"submit with: sbatch {script_path}", file=sys.stderr)
     return 0
+
+
+def slurm_minutes(text: str) -> float | None:
+    """A SLURM time limit in minutes: "90", "30:00", "2:00:00", "1-12", "1-12:30", "1-12:30:00"; None if not one."""
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    if m is None:
+        return None
+    days, a, b, c = (int(g) if g is not None else None for g in m.groups())
+    if days is not None:  # D-HH[:MM[:SS]]
+        return days * 1440 + a * 60 + (b or 0) + (c or 0) / 60
+    if c is not None:  # HH:MM:SS
+        return a * 60 + b + c / 60
+    if b is not None:  # MM:SS
+        return a + b / 60
+    return float(a)  # minutes
 
 
 def sbatch_line(option: str, value=None) -> str:

@@ -1,6 +1,9 @@
 """--nproc: hand the same command to torch.distributed.run, in this process."""
 from __future__ import annotations
 
+import sys
+
+from torch.distributed import DistError
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import get_args_parser, run
@@ -9,14 +12,16 @@ from .errors import BAD_INPUT, DONE, FAILED, STOPPED
 
 
 def torchrun_args(worker_argv: list[str], nproc: int, nnodes: int, node_rank: int | None,
-                  rdzv_endpoint: str | None, max_restarts: int) -> list[str]:
+                  rdzv_endpoint: str | None, max_restarts: int, timeout_s: float = 600) -> list[str]:
     args = ["--nproc-per-node", str(nproc), "--nnodes", str(nnodes), "--max-restarts", str(max_restarts),
             # SIGUSR1 too (SLURM's preemption warning): the agent passes it on to the workers,
             # which checkpoint at the next step and exit 3.
             "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"]
     if rdzv_endpoint:
-        # Static rendezvous: every node names the same endpoint and its own rank.
-        args += ["--rdzv-endpoint", rdzv_endpoint, "--node-rank", str(node_rank or 0)]
+        # Static rendezvous: every node names the same endpoint and its own rank; a node that
+        # never arrives ends the wait after dist.timeout_s.
+        args += ["--rdzv-endpoint", rdzv_endpoint, "--node-rank", str(node_rank or 0),
+                 "--rdzv-conf", f"timeout={int(timeout_s)}"]
     elif nnodes == 1:
         args += ["--standalone"]  # a free local port, nothing to configure
     return args + ["-m", "launcher", "run", *worker_argv]
@@ -33,6 +38,12 @@ def spawn(worker_argv: list[str], **options) -> int:
     args = get_args_parser().parse_args(torchrun_args(worker_argv, **options))
     try:
         run(args)
+    except DistError as e:  # the rendezvous: a node did not arrive, or the endpoint is unreachable
+        print(f"error: the {options['nnodes']} nodes did not all meet at {options['rdzv_endpoint']} within "
+              f"{options.get('timeout_s', 600):g} s (dist.timeout_s): start every node with the same --nnodes and "
+              f"--rdzv-endpoint, each with its own --node-rank, and check that the port is reachable from every node "
+              f"({str(e).splitlines()[0]})", file=sys.stderr)
+        return FAILED
     except SignalException as e:  # the launcher itself was signalled; the workers got it too
         print(f"launcher: {e.sigval.name} received; the workers saved a checkpoint. Run the same command to resume.")
         return STOPPED

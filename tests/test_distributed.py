@@ -255,3 +255,27 @@ def test_every_shipped_config_trains_at_1_and_2_processes(tmp_path, config, npro
     rows, val = metrics(tmp_path / "run")
     assert [r["step"] for r in rows][-1] == 3 and len(val) == 1
     assert f"on {nproc} process(es)" in proc.stderr
+
+
+def test_two_nodes_on_loopback_train_as_one_job(tmp_path, reference_2proc):
+    """`--nnodes 2` started twice, one worker each: one job of world size 2, the local 2-process losses."""
+    cfg, expected = reference_2proc
+    cfg = config_with_run_dir(cfg, tmp_path / "nodes")
+    port = str(random.randint(20000, 40000))
+    nodes = [subprocess.Popen([sys.executable, "-m", "launcher", "run", str(cfg), "--nproc", "1", "--nnodes", "2",
+                               "--node-rank", str(rank), "--rdzv-endpoint", f"127.0.0.1:{port}"],
+                              cwd=ROOT, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in range(2)]
+    outs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outs
+    assert_same_losses(losses(tmp_path / "nodes"), expected, rtol=1e-6)
+
+
+def test_a_node_that_never_arrives_is_a_clear_timeout(tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", digits_config(tmp_path / "run", dist={"timeout_s": 5}))
+    endpoint = f"127.0.0.1:{random.randint(20000, 40000)}"
+    start = time.perf_counter()
+    proc = run(["run", cfg, "--nproc", 1, "--nnodes", 2, "--node-rank", 0, "--rdzv-endpoint", endpoint], timeout=120)
+    assert proc.returncode == 1
+    assert f"did not all meet at {endpoint} within 5 s" in proc.stderr and "Traceback" not in proc.stderr
+    assert time.perf_counter() - start < 60
