@@ -395,7 +395,14 @@ def test_case_ids_are_distinct():
     assert len(set(ids)) == len(ids) >= 28
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
+# Cases that train a run first or start workers: the full suite; the rest are the fast tier.
+SLOW = {"resume-without-dcp-metadata", "resume-without-dcp-shard", "resume-deepspeed-at-another-world-size",
+        "resume-tampered-rng-file", "export-missing-step", "export-into-unwritable-path", "loss-per-sample",
+        "loss-nanogpt-logits-and-loss", "nproc-inside-torchrun"}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c.id in SLOW else c for c in CASES],
+                         ids=lambda case: case.id)
 def test_bad_input(case: Case, tmp_path, trained, site_dir):
     ctx = Ctx(tmp=tmp_path / "case", runs=trained)
     ctx.tmp.mkdir()

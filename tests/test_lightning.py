@@ -7,6 +7,7 @@ import pytest
 from helpers import check, digits_config, metrics, run, write_config
 
 pytest.importorskip("lightning")
+pytestmark = pytest.mark.slow  # Lightning's import and several runs: the full suite
 
 
 def config(tmp_path, name, optimizers="one", checkpoint=None, **train):
@@ -73,7 +74,6 @@ def test_hooks_trainer_and_logged_values(tmp_path):
     assert "train_loss_step=" in run(["run", config(tmp_path, "again", "one", max_steps=2)]).stdout  # prog_bar
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero3"])
 def test_under_every_strategy_the_numbers_equal_one_process(tmp_path, strategy):
     """Training losses, the schedule and every validation value (reduced exactly over the ranks)

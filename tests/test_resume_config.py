@@ -1,5 +1,9 @@
 """A resume never mixes two configs silently, and rerunning a finished run does nothing."""
+import pytest
+
 from helpers import check, digits_config, metrics, run, write_config
+
+pytestmark = pytest.mark.slow  # several runs each
 
 
 def config(tmp_path, **train):

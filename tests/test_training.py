@@ -119,6 +119,7 @@ def test_a_global_batch_no_micro_batch_can_serve_is_refused(tmp_path):
     assert "62 or 64" in proc.stderr
 
 
+@pytest.mark.slow
 def test_parity_with_a_hand_written_loop(tmp_path):
     """300 steps of launcher and of the plain loop, same seed and data order: equal weights."""
     steps, batch, lr = 300, 32, 0.05
