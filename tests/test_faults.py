@@ -82,7 +82,7 @@ def test_a_validation_that_crashes_after_the_last_step_loses_no_step(tmp_path, r
 def test_a_rank_that_stops_making_progress_ends_the_job_within_the_timeout(tmp_path):
     timeout = 8
     cfg = write_config(tmp_path / "c.yaml", digits_config(
-        tmp_path / "run", recipe={"name": "toy_recipes.stuck", "hidden": 32, "stuck_rank": 1, "stuck_at": 5},
+        tmp_path / "run", recipe={"name": "toy_recipes.failing", "hidden": 32, "fail_rank": 1, "fail_at": 5, "fail_how": "hang"},
         train={"global_batch_size": 64, "micro_batch_size": 16, "max_steps": 500}, dist={"timeout_s": timeout}))
     start_time = time.perf_counter()
     proc = run(["run", cfg, "--nproc", 2], timeout=300)
@@ -90,7 +90,7 @@ def test_a_rank_that_stops_making_progress_ends_the_job_within_the_timeout(tmp_p
     assert proc.returncode == 1
     err = proc.stderr
     # Rank 1's 5th loss call is step 3, micro-batch 1 (2 micro-batches a step).
-    assert "rank 1 made no progress" in err and "in step 3, micro-batch 1" in err and "stuck.py" in err
+    assert "rank 1 made no progress" in err and "in step 3, micro-batch 1" in err and "failing.py" in err
     assert "the job is waiting for rank(s) [1]" in err
     # Start-up (two processes importing torch on a busy 2-core machine) plus the timeout and
     # the report; without the watchdog the job would hang for the 500 steps' worth of timeouts.
