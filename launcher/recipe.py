@@ -153,7 +153,7 @@ class Recipe:
 
     def loss_is_pair(self, out, step: int) -> bool:
         """Which loss form `out` is: False for a scalar mean, True for a (total, count) pair.
-        Anything else is refused, saying what it got (checked once, at the first step)."""
+        Anything else is refused, saying what it got (checked on the first micro-batch of a step)."""
         if isinstance(out, torch.Tensor) and out.dim() == 0:
             return False
         if isinstance(out, (tuple, list)) and len(out) == 2 and is_scalar(out[0]) and is_scalar(out[1]):
