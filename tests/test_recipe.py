@@ -83,3 +83,26 @@ def test_a_recipe_file_imports_the_modules_beside_it_and_resolves_beside_the_con
     proc = run(["run", cfg, "recipe.name=missing.py"], cwd=elsewhere)
     assert proc.returncode == 2
     assert str(project / "missing.py") in proc.stderr and str(elsewhere / "missing.py") in proc.stderr
+
+
+@pytest.mark.slow
+def test_optimizer_and_scheduler_hooks_replace_the_config_and_resume(tmp_path):
+    """optimizer(model, cfg) builds parameter groups by name; scheduler(optimizer, cfg, total_steps)
+    steps every optimizer step and is saved in the checkpoint; the config's optim: and schedule:
+    are reported as unused."""
+    def cfg(name, steps):
+        return write_config(tmp_path / f"{name}.yaml", digits_config(
+            tmp_path / name, recipe={"name": "toy_recipes.hooks", "hidden": 32}, train={"max_steps": steps},
+            optim={"name": "adamw", "lr": 5.0}, schedule={"warmup_steps": 4}, checkpoint={"every_steps": 4}))
+
+    proc = check(run(["run", cfg("full", 8), "--nproc", 2]))
+    assert "the config's optim: section is not used: the recipe's optimizer() takes its place" in proc.stderr
+    assert "the config's schedule: section is not used: the recipe's scheduler() takes its place" in proc.stderr
+    expected = [0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.025, 0.025]  # StepLR(step_size=3, gamma=0.5), per step
+    assert [r["lr"] for r in metrics(tmp_path / "full")[0]] == pytest.approx(expected)
+    check(run(["run", cfg("resumed", 4)]))
+    check(run(["run", cfg("resumed", 8)]))  # resumes at step 4, mid-schedule
+    assert [r["lr"] for r in metrics(tmp_path / "resumed")[0]] == pytest.approx(expected)
+    assert losses(tmp_path / "resumed") == pytest.approx(losses(tmp_path / "full"), rel=1e-5)
+    plan = run(["plan", cfg("full", 8)]).stdout
+    assert "optimizer: the recipe's optimizer()" in plan and "schedule: the recipe's scheduler()" in plan
