@@ -102,7 +102,8 @@ def optimization(module: nn.Module):
     if unknown or spec.get("monitor"):
         raise ConfigError(f"configure_optimizers(): the lr_scheduler keys {sorted(unknown | ({'monitor'} if spec.get('monitor') else set()))} "
                           "are not supported (a scheduler stepped by count, with interval and frequency, is)")
-    return optimizers[0], Schedule(spec["scheduler"], spec.get("interval", "step"), int(spec.get("frequency", 1)),
+    # Lightning steps a scheduler once an epoch unless told "interval": "step".
+    return optimizers[0], Schedule(spec["scheduler"], spec.get("interval", "epoch"), int(spec.get("frequency", 1)),
                                    source="configure_optimizers()")
 
 

@@ -22,8 +22,9 @@ def config(tmp_path, name, optimizers="one", checkpoint=None, **train):
 
 @pytest.mark.parametrize("form, lrs", [
     ("one", [0.05] * 6), ("list", [0.05] * 6),
-    ("lists", [0.05, 0.05, 0.025, 0.025, 0.0125, 0.0125]),  # StepLR(step_size=2, gamma=0.5), per step
-    ("dict", [0.05, 0.05, 0.025, 0.025, 0.0125, 0.0125]),
+    # StepLR(step_size=2, gamma=0.5): without an interval Lightning steps it once an epoch (22 steps here)
+    ("lists", [0.05] * 6), ("dict", [0.05] * 6),
+    ("dict_step", [0.05, 0.05, 0.025, 0.025, 0.0125, 0.0125]),  # "interval": "step"
 ])
 def test_every_configure_optimizers_form_and_its_scheduler(tmp_path, form, lrs):
     proc = check(run(["run", config(tmp_path, "run", form)]))
@@ -48,7 +49,7 @@ def test_what_launcher_does_not_do_is_refused_before_training(tmp_path, form, wo
 
 
 def test_hooks_trainer_and_logged_values(tmp_path):
-    check(run(["run", config(tmp_path, "run", "lists", max_steps=24, checkpoint={"every_steps": 10})]))
+    check(run(["run", config(tmp_path, "run", "dict_step", max_steps=24, checkpoint={"every_steps": 10})]))
     seen = json.loads((tmp_path / "run.json").read_text())
     calls = seen["calls"]
     micro_batch = ["on_train_batch_start", "on_before_backward", "on_after_backward", "on_train_batch_end"]
@@ -78,11 +79,11 @@ def test_hooks_trainer_and_logged_values(tmp_path):
 def test_under_every_strategy_the_numbers_equal_one_process(tmp_path, strategy):
     """Training losses, the schedule and every validation value (reduced exactly over the ranks)
     equal one process's, and a resume continues the scheduler; only float reduction order differs."""
-    check(run(["run", config(tmp_path, "one", "lists")]))
+    check(run(["run", config(tmp_path, "one", "dict_step")]))
     extra = ["strategy=deepspeed", "deepspeed.zero_stage=3"] if strategy == "zero3" else [f"strategy={strategy}"]
-    check(run(["run", config(tmp_path, "two", "lists", max_steps=3, checkpoint={"every_steps": 3}), "--nproc", 2,
+    check(run(["run", config(tmp_path, "two", "dict_step", max_steps=3, checkpoint={"every_steps": 3}), "--nproc", 2,
                *extra]))
-    check(run(["run", config(tmp_path, "two", "lists"), "--nproc", 2, *extra]))  # resumed at step 3
+    check(run(["run", config(tmp_path, "two", "dict_step"), "--nproc", 2, *extra]))  # resumed at step 3, mid-schedule
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert [r["loss"] for r in two[0]] == pytest.approx([r["loss"] for r in one[0]], rel=1e-5)
     assert [r["lr"] for r in two[0]] == pytest.approx([r["lr"] for r in one[0]])

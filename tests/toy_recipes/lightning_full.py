@@ -18,7 +18,7 @@ class Config:
     lr: float = 0.05
     val_fraction: float = 0.2
     split_seed: int = 0
-    optimizers: str = "one"  # one | list | lists | dict | dict_epoch | two | manual | trainer_attr
+    optimizers: str = "one"  # one | list | lists | dict | dict_step | dict_epoch | two | manual | trainer_attr
     record_to: str = ""  # a JSON file for the hooks called and what the module saw
 
 
@@ -67,6 +67,8 @@ class DigitsModule(pl.LightningModule):
             return [opt], [sched]
         if form == "dict":
             return {"optimizer": opt, "lr_scheduler": sched}
+        if form == "dict_step":
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         if form == "dict_epoch":
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch", "frequency": 1}}
         if form == "two":
