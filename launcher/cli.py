@@ -268,8 +268,8 @@ def cmd_run(args) -> int:
         check_node_launch(args, env)
     world = args.nproc * args.nnodes if args.nproc else env.world_size
     checked = check_inputs(cfg, world, args.config)
-    if checked.resume is not None and finished(checked.resume, cfg, checked.plan):
-        return errors.DONE
+    if cfg.checkpoint.resume == "auto" and checked.resume is not None and finished(checked.resume, cfg, checked.plan):
+        return errors.DONE  # rerunning a finished run (an explicit checkpoint.resume starts a new one)
     if args.nproc:
         from .spawn import spawn
 
