@@ -31,7 +31,7 @@ TRAINER_ATTRIBUTES = ("global_step", "current_epoch", "max_epochs", "max_steps",
 # Hooks that change how optimization or data movement happens: overriding one is refused.
 UNSUPPORTED_HOOKS = ("optimizer_step", "optimizer_zero_grad", "lr_scheduler_step", "configure_gradient_clipping",
                      "backward", "on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer",
-                     "configure_callbacks", "training_step_end", "validation_step_end", "on_train_batch_end_legacy")
+                     "configure_callbacks", "training_step_end", "validation_step_end")
 
 
 class LightningAdapter(nn.Module):
@@ -98,10 +98,10 @@ def optimization(module: nn.Module):
     if not schedulers:
         return optimizers[0], None
     spec = schedulers[0] if isinstance(schedulers[0], dict) else {"scheduler": schedulers[0]}
-    unknown = set(spec) - {"scheduler", "interval", "frequency", "name", "strict", "monitor"}
-    if unknown or spec.get("monitor"):
-        raise ConfigError(f"configure_optimizers(): the lr_scheduler keys {sorted(unknown | ({'monitor'} if spec.get('monitor') else set()))} "
-                          "are not supported (a scheduler stepped by count, with interval and frequency, is)")
+    unsupported = sorted(set(spec) - {"scheduler", "interval", "frequency", "name", "strict"})
+    if unsupported:
+        raise ConfigError(f"configure_optimizers(): the lr_scheduler keys {unsupported} are not supported (a "
+                          "scheduler stepped by count, with interval and frequency, is)")
     # Lightning steps a scheduler once an epoch unless told "interval": "step".
     return optimizers[0], Schedule(spec["scheduler"], spec.get("interval", "epoch"), int(spec.get("frequency", 1)),
                                    source="configure_optimizers()")
