@@ -98,7 +98,8 @@ def optimization(module: nn.Module):
     if not schedulers:
         return optimizers[0], None
     spec = schedulers[0] if isinstance(schedulers[0], dict) else {"scheduler": schedulers[0]}
-    unsupported = sorted(set(spec) - {"scheduler", "interval", "frequency", "name", "strict"})
+    # ("monitor" matters only to ReduceLROnPlateau, which Schedule refuses by name.)
+    unsupported = sorted(set(spec) - {"scheduler", "interval", "frequency", "name", "strict", "monitor"})
     if unsupported:
         raise ConfigError(f"configure_optimizers(): the lr_scheduler keys {unsupported} are not supported (a "
                           "scheduler stepped by count, with interval and frequency, is)")
