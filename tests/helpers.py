@@ -65,3 +65,17 @@ def digits_config(run_dir: Path, **sections) -> dict:
         else:
             config[key] = value
     return config
+
+
+def outcome(fn):
+    """fn() or the exception it raised: a failed launch is reported by every test using it, run once."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - re-raised by reraise()
+        return e
+
+
+def reraise(value):
+    if isinstance(value, Exception):
+        raise value
+    return value

@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import check, losses, metrics, run, write_config
+from helpers import check, losses, metrics, outcome, reraise, run, write_config
 
 pytestmark = pytest.mark.slow  # multi-process: the full suite, not the fast tier
 
@@ -100,20 +100,6 @@ def config_for(name: str, run_dir: Path, recipe: dict | None = None, **sections)
 
 def launch(args: list, nproc: int, timeout: float = 600):
     return run(args + (["--nproc", 2] if nproc == 2 else []), timeout=timeout)
-
-
-def outcome(fn):
-    """fn() or the exception it raised: a failed launch is reported by every test using it, run once."""
-    try:
-        return fn()
-    except Exception as e:  # noqa: BLE001 - re-raised by reraise()
-        return e
-
-
-def reraise(value):
-    if isinstance(value, Exception):
-        raise value
-    return value
 
 
 def max_rel(a: list[float], b: list[float]) -> float:

@@ -41,7 +41,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import check, metrics, run, write_config
+from helpers import check, metrics, outcome, reraise, run, write_config
 
 pytestmark = [pytest.mark.slow]  # multi-process: the full suite, not the fast tier
 
@@ -113,20 +113,6 @@ def config_for(recipe: str, strategy: str, run_dir: Path) -> dict:
         **extra,
         **sections,
     }
-
-
-def outcome(fn):
-    """fn() or the exception it raised: a failed launch is reported by every test using it, run once."""
-    try:
-        return fn()
-    except Exception as e:  # noqa: BLE001 - re-raised by reraise()
-        return e
-
-
-def reraise(value):
-    if isinstance(value, Exception):
-        raise value
-    return value
 
 
 @pytest.fixture(scope="module")
