@@ -236,7 +236,9 @@ class LightningRun:
         of metrics instead."""
         self.stage, self.batch_size, self.counting = "validation", n, counts
         try:
+            self.hook("on_validation_batch_start", batch, batch_idx)
             out = model(batch, batch_idx, stage="validation") if callable(getattr(self.module, "validation_step", None)) else None
+            self.hook("on_validation_batch_end", out, batch, batch_idx)
         finally:
             self.stage, self.counting = "train", True
         if is_lightning_module(self.module) or not isinstance(out, dict):

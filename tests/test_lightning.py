@@ -56,7 +56,8 @@ def test_hooks_trainer_and_logged_values(tmp_path):
     order = ["setup", "configure_model", "on_fit_start", "on_train_start", "on_train_epoch_start",
              *micro_batch, *micro_batch, "on_before_optimizer_step", "on_before_zero_grad"]  # 2 micro-batches a step
     assert calls[:len(order)] == order
-    for hook in ("on_validation_start", "on_validation_epoch_start", "on_validation_epoch_end", "on_validation_end",
+    for hook in ("on_validation_start", "on_validation_epoch_start", "on_validation_batch_start",
+                 "on_validation_batch_end", "on_validation_epoch_end", "on_validation_end",
                  "on_train_epoch_end", "on_save_checkpoint", "on_train_end", "on_fit_end"):
         assert hook in calls, hook
     assert calls.index("on_train_end") < calls.index("on_fit_end")

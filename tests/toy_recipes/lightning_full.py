@@ -87,6 +87,7 @@ class DigitsModule(pl.LightningModule):
 for _hook in ("on_fit_start", "on_train_start", "on_train_epoch_start", "on_train_epoch_end", "on_train_batch_start",
               "on_train_batch_end", "on_before_backward", "on_after_backward", "on_before_optimizer_step",
               "on_before_zero_grad", "on_validation_start", "on_validation_epoch_start", "on_validation_end",
+              "on_validation_batch_start", "on_validation_batch_end",
               "on_train_end", "on_save_checkpoint", "on_load_checkpoint", "setup", "configure_model"):
     setattr(DigitsModule, _hook, (lambda name: lambda self, *args: self.record(name))(_hook))
 
