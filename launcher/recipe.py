@@ -1,7 +1,8 @@
 """Load a recipe module, check its contract, and adapt Lightning-shaped models.
 
 A recipe is a plain module with `model(cfg)`, `data(cfg)` and `loss(model, batch)`,
-an optional `Config` dataclass, and optional `metrics`, `optimizer`, `collate`,
+an optional `Config` dataclass, and optional `eval_step` (validation loss and metrics from
+one forward) or `metrics`, `optimizer`, `collate`,
 `shard_units`, `flops_per_sample`, `tokens_per_sample`.
 """
 from __future__ import annotations
@@ -167,9 +168,18 @@ class Recipe:
             "return a scalar tensor (the mean over the micro-batch) or a pair (total, count): a scalar sum "
             f"and the number of items it sums (e.g. tokens).{hint}")
 
-    def metrics(self, model: nn.Module, batch) -> dict:
+    def validation_values(self, model: nn.Module, batch) -> dict:
+        """One validation batch's values, each a mean over the batch or a (total, count) pair.
+        eval_step(model, batch) gives the loss (logged as val_loss) and the metrics from one
+        forward pass; without it, loss() and metrics() each run the model."""
+        fn = getattr(self.module, "eval_step", None)
+        if fn is not None:
+            values = dict(fn(model, batch))
+            if "loss" in values:
+                values["val_loss"] = values.pop("loss")
+            return values
         fn = getattr(self.module, "metrics", None)
-        return fn(model, batch) if fn is not None else {}
+        return {"val_loss": self.loss(model, batch), **(fn(model, batch) if fn is not None else {})}
 
     def optimizer(self, model: nn.Module):
         """(optimizer, Schedule or None) from the recipe's optimizer() and scheduler() hooks or a

@@ -365,7 +365,7 @@ class Trainer:
                 if self.lightning:  # what validation_step logs (or, for a plain module, returns)
                     values = self.lightning.validation_step(model, batch, i, n, counts)
                 else:
-                    values = {"val_loss": self.recipe.loss(model, batch), **self.recipe.metrics(model, batch)}
+                    values = self.recipe.validation_values(model, batch)
             for key, value in values.items():
                 # A pair is (total, count); a scalar is a mean over the batch's n samples.
                 total, count = value if isinstance(value, (tuple, list)) else (value * n, n)

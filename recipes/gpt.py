@@ -182,15 +182,21 @@ def model(cfg: Config) -> nn.Module:
 def loss(model: nn.Module, batch):
     """(summed cross-entropy over every target byte, number of target bytes)."""
     x, y = batch
-    logits = model(x).float()  # the softmax in fp32 whatever the autocast dtype
+    return summed_loss(model(x), y)
+
+
+def summed_loss(logits: torch.Tensor, y: torch.Tensor):
+    logits = logits.float()  # the softmax in fp32 whatever the autocast dtype
     total = F.cross_entropy(logits.reshape(-1, VOCAB), y.reshape(-1), reduction="sum")
     return total, torch.tensor(y.numel(), device=y.device)
 
 
-def metrics(model: nn.Module, batch) -> dict:
+def eval_step(model: nn.Module, batch) -> dict:
+    """Validation from one forward pass: the loss and how often the likeliest next byte is right."""
     x, y = batch
-    correct = (model(x).argmax(-1) == y).sum()
-    return {"accuracy": (correct, torch.tensor(y.numel(), device=y.device))}
+    logits = model(x)
+    total, count = summed_loss(logits, y)
+    return {"loss": (total, count), "accuracy": ((logits.argmax(-1) == y).sum(), count)}
 
 
 # ---------------------------------------------------------------- throughput

@@ -93,7 +93,10 @@ def test_gpt_loss_pair_at_init():
     assert total.dtype == torch.float32 and total.dim() == 0
     assert abs(float(total.detach() / count) - math.log(256)) < 0.15
     total.backward()  # the pair is differentiable through the total
-    correct, n = gpt.metrics(model, batch)["accuracy"]
+    with torch.no_grad():
+        values = gpt.eval_step(model, batch)  # one forward: the same loss, and the accuracy
+    assert float(values["loss"][0]) == pytest.approx(float(total), rel=1e-6) and int(values["loss"][1]) == int(count)
+    correct, n = values["accuracy"]
     assert int(n) == 4 * cfg.seq_len and 0 <= int(correct) <= int(n)
 
 

@@ -162,3 +162,19 @@ def test_progress_bar_shows_loss_rate_and_eta(tmp_path):
     bar = next(line for line in reversed(last) if "20/20" in line)
     assert "loss=" in bar and "samples_s=" in bar and "<" in bar  # tqdm's [elapsed<remaining]
     assert not any(line.startswith("step=") for line in proc.stdout.splitlines())  # the bar replaces the lines
+
+
+@pytest.mark.parametrize("recipe, forwards_per_batch", [("recipes.digits", 1), ("toy_recipes.tokens", 2)])
+def test_validation_runs_the_model_once_per_batch_with_eval_step(tmp_path, recipe, forwards_per_batch):
+    """A recipe with eval_step gets loss and metrics from one forward; one with loss and metrics
+    (the older contract) still validates, at two forwards a batch."""
+    cfg = write_config(tmp_path / "c.yaml", digits_config(tmp_path / "run", recipe={"name": recipe},
+                                                          train={"max_steps": 1, "eval_batch_size": 50}))
+    trainer = Trainer(load_config(cfg), DistEnv("single"), torch.device("cpu"))
+    calls = []
+    trainer.strategy.eval_model.register_forward_hook(lambda *args: calls.append(1))
+    trainer.validate(0)
+    val = metrics(tmp_path / "run")[1][0]
+    batches = math.ceil(len(trainer.val_set) / 50)
+    assert len(calls) == forwards_per_batch * batches
+    assert math.isfinite(val["val_loss"]) and "accuracy" in val

@@ -44,12 +44,12 @@ def loss(model, batch):
     return digits.loss(model, batch)
 
 
-def metrics(model, batch):
+def eval_step(model, batch):
     if SETTINGS["fail_validation"]:
         raise RuntimeError("deliberate failure in validation")
     if SETTINGS["say_in_validation"]:
         print(SETTINGS["say_in_validation"], end=" ")
-    return digits.metrics(model, batch)
+    return digits.eval_step(model, batch)
 
 
 def install_writer_faults():

@@ -26,5 +26,5 @@ def loss(model, batch):
     return digits.loss(model, batch)
 
 
-def metrics(model, batch):
-    return digits.metrics(model, batch)
+def eval_step(model, batch):
+    return digits.eval_step(model, batch)

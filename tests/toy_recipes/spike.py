@@ -36,5 +36,5 @@ def loss(model, batch):
     return value * torch.tensor(SPIKES.get(calls, 1.0), device=value.device)
 
 
-def metrics(model, batch):
-    return digits.metrics(model, batch)
+def eval_step(model, batch):
+    return digits.eval_step(model, batch)
