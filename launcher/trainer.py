@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import STARTED_AT
 from . import data as data_mod
 from .checkpoint import Checkpointer
 from .config import Config, ConfigError, ScheduleConfig, dump_config
@@ -92,12 +93,26 @@ def describe_batch(cfg: Config, plan: data_mod.BatchPlan) -> str:
 
 @dataclass
 class StepOutput:
-    loss_num: torch.Tensor  # this rank's loss numerator for the logged loss
+    loss_num: torch.Tensor  # this rank's loss numerator for the logged loss (on the device)
     loss_den: torch.Tensor
-    grad_norm: torch.Tensor
-    applied: bool
+    grad_norm: torch.Tensor  # on the device: read only when a row is logged
     lr: float  # the rate this step used (the schedule moves on after it)
-    stop: bool  # a stop signal reached some rank: every rank stops after this step
+
+
+class Window:
+    """What the steps since the last logged row add up to, kept on the device until it is logged."""
+
+    def __init__(self):
+        self.losses: list[torch.Tensor] = []
+        self.start = time.perf_counter()
+        self.data_wait = 0.0  # seconds the loop waited for the data loader
+
+    def add(self, out: StepOutput) -> None:
+        self.losses.append(torch.stack([out.loss_num, out.loss_den]))
+
+    @property
+    def steps(self) -> int:
+        return len(self.losses)
 
 
 class Trainer:
@@ -149,7 +164,13 @@ class Trainer:
         self.tokens_per_sample = self.recipe.per_sample("tokens_per_sample")
         self.flops_per_sample = self.recipe.per_sample("flops_per_sample")
         self.peak_flops = peak_flops(device, cfg.precision)
-        self.stop_requested = False
+        self.stop_requested = False  # set by a signal handler on this rank
+        # A non-finite gradient norm is the same on every rank. The fused optimizers skip such a
+        # step on the device (given found_inf, as under the gradient scaler): the flags are then
+        # read only at the next row, evaluation or checkpoint. Other optimizers, DeepSpeed and the
+        # fp16 scaler need the flag on the host before their step: one host sync a step.
+        self.skip_on_device = self.strategy.skips_on_device and self.precision.scaler is None
+        self.unread_flags: list[tuple[int, torch.Tensor]] = []  # (step, non-finite) not yet read
         self.watchdog = Watchdog(cfg.dist.timeout_s, env.rank, env.world_size, rendezvous())
 
     def make_optimizer(self, model):
@@ -194,48 +215,54 @@ class Trainer:
 
     def train_loop(self) -> None:
         cfg, plan = self.cfg.train, self.plan
-        window = torch.zeros(2, device=self.device)  # loss numerator, denominator since the last log
-        window_start, window_steps, t0 = time.perf_counter(), 0, time.perf_counter()
+        window, t0, first_step = Window(), time.perf_counter(), True
         while self.step < self.total_steps:
             epoch, start = divmod(self.step, plan.steps_per_epoch)
             self.loader.sampler.set_epoch(epoch, start)
             batches = iter(self.loader)
             self.hook("on_train_epoch_start")
             for _ in range(start, plan.steps_per_epoch):
-                out = self.train_step(batches)
+                out = self.train_step(batches, window)
                 self.step += 1
-                window_steps += 1
-                window += torch.stack([out.loss_num, out.loss_den])
+                if first_step:
+                    first_step = False
+                    if self.env.is_main:  # what start-up costs: imports, set-up, a compile's first trace
+                        print(f"first step done {time.time() - STARTED_AT:.1f} s after start", file=sys.stderr,
+                              flush=True)
+                window.add(out)
                 self.loggers.advance()
+                # A stop signal is read at every row (summed over the ranks: every rank stops
+                # together); one process reads its own flag every step, at no cost.
+                stop = self.stop_requested if self.env.world_size == 1 else False
                 if self.step % cfg.log_every_steps == 0 or self.step == self.total_steps:
                     self.watchdog.beat(self.step, 0, "logging")
-                    now = time.perf_counter()
-                    self.log_train(epoch, window, out, window_steps, now - window_start, now - t0)
-                    window.zero_()
-                    window_start, window_steps = now, 0
+                    stop = self.log_train(epoch, window, out, time.perf_counter() - t0)
+                    window = Window()
                 if self.step % plan.steps_per_epoch == 0 or self.step == self.total_steps:
                     self.end_epoch(epoch)
                 if cfg.eval_every_steps and self.step % cfg.eval_every_steps == 0 and self.step < self.total_steps:
                     self.evaluate(epoch)
                 if self.cfg.checkpoint.every_steps and self.step % self.cfg.checkpoint.every_steps == 0:
                     self.save()
-                if out.stop:
+                if stop:
                     self.save()
                     self.checkpointer.wait()
                     raise Stopped()
                 if self.step >= self.total_steps:
                     break
 
-    def train_step(self, batches) -> StepOutput:
-        """One optimizer step over the next A micro-batches of `batches`, loaded one at a time."""
+    def train_step(self, batches, window: Window) -> StepOutput:
+        """One optimizer step over the next A micro-batches of `batches`, loaded one at a time.
+        Nothing here waits for the device unless the optimizer cannot skip a step on it."""
         strategy, A, beat = self.strategy, self.plan.accumulation, self.watchdog.beat
-        num = torch.zeros((), device=self.device)
-        den = torch.zeros((), device=self.device)
+        nums, dens = [], []
         pair = None
         first = (self.step % self.plan.steps_per_epoch) * A  # Lightning's batch_idx: micro-batches this epoch
         for j in range(A):
             beat(self.step, j, "data")
+            waited = time.perf_counter()
             batch = data_mod.to_device(next(batches), self.device)
+            window.data_wait += time.perf_counter() - waited
             self.hook("on_train_batch_start", batch, first + j)
             with contextlib.nullcontext() if j == A - 1 else strategy.no_sync():
                 beat(self.step, j, "forward")
@@ -248,70 +275,92 @@ class Trainer:
                 if pair:
                     total, count = out
                     strategy.backward(total.float())
-                    num += total.detach().float()
-                    den += count
+                    nums.append(total.detach().float())
+                    dens.append(count)
                 else:
-                    strategy.backward(out.float() / A)
-                    num += out.detach().float() / A
+                    strategy.backward(out.float() / A if A > 1 else out.float())
+                    nums.append(out.detach().float())
                 self.hook("on_after_backward")
             self.hook("on_train_batch_end", out, batch, first + j)
         beat(self.step, A - 1, "optimizer")
         self.hook("on_before_optimizer_step", strategy.optimizer)
+        num = nums[0] if A == 1 else torch.stack(nums).sum()
         if pair:
+            den = torch.as_tensor(dens[0] if A == 1 else torch.stack([torch.as_tensor(d) for d in dens]).sum(),
+                                  device=self.device, dtype=torch.float32)
             # The one all-reduce a step needs for token losses: the global count.
             totals = all_reduce_sum(torch.stack([num, den]))
             strategy.scale_grads(self.env.world_size / totals[1])
         else:
+            num = num / A if A > 1 else num
             den = torch.ones((), device=self.device)
         grad_norm = strategy.clip_grad_norm(self.cfg.train.grad_clip)
         lr = strategy.optimizer.param_groups[0]["lr"]
-        nonfinite, stop = self.step_flags(grad_norm)
+        if self.skip_on_device:
+            nonfinite = ~torch.isfinite(grad_norm)
+            self.unread_flags.append((self.step + 1, nonfinite))
+            self.hook("on_before_zero_grad", strategy.optimizer)
+            strategy.step(found_inf=nonfinite)
+            self.schedule.after_step(True, self.step + 1, self.plan.steps_per_epoch)
+            return StepOutput(num, den, grad_norm, lr)
         # fp16 overflows are the loss scaler's (torch's or DeepSpeed's) to skip; otherwise a
         # non-finite norm is a real problem.
-        if nonfinite and self.precision.name != "fp16":
-            if self.cfg.train.on_nonfinite == "stop":
-                raise NonFiniteError(
-                    f"non-finite gradient (norm {grad_norm.item()}) at step {self.step + 1}; the last good "
-                    "checkpoint is kept. Set train.on_nonfinite=skip to skip such steps instead"
-                )
-            strategy.zero_grad()
+        if self.precision.name != "fp16" and not torch.isfinite(grad_norm).item():
             self.skipped_steps += 1
-            return StepOutput(num, den, grad_norm, False, lr, stop)
+            if self.cfg.train.on_nonfinite == "stop":
+                raise self.nonfinite_error([self.step + 1], grad_norm)
+            strategy.zero_grad()
+            return StepOutput(num, den, grad_norm, lr)
         self.hook("on_before_zero_grad", strategy.optimizer)
         applied = strategy.step()
         self.schedule.after_step(applied, self.step + 1, self.plan.steps_per_epoch)
         if not applied:
             self.skipped_steps += 1  # fp16 overflow: the scaler skipped it; a per-step schedule waits
-        return StepOutput(num, den, grad_norm, applied, lr, stop)
+        return StepOutput(num, den, grad_norm, lr)
+
+    def read_flags(self) -> None:
+        """Count the steps the optimizer skipped on the device since the last read; with
+        train.on_nonfinite=stop, stop naming them. Called before every row, evaluation and save."""
+        if not self.unread_flags:
+            return
+        steps = [step for step, _ in self.unread_flags]
+        flags = torch.stack([flag for _, flag in self.unread_flags]).tolist()
+        self.unread_flags = []
+        bad = [step for step, flag in zip(steps, flags) if flag]
+        self.skipped_steps += len(bad)
+        if bad and self.cfg.train.on_nonfinite == "stop":
+            raise self.nonfinite_error(bad)
+
+    def nonfinite_error(self, steps: list[int], norm: torch.Tensor | None = None) -> NonFiniteError:
+        where = f"at step {steps[0]}" + (f" (and {len(steps) - 1} step(s) after it, all skipped)" if len(steps) > 1 else "")
+        return NonFiniteError(
+            f"non-finite gradient{f' (norm {norm.item()})' if norm is not None else ''} {where}; it never reached "
+            "the weights and the last good checkpoint is kept. Set train.on_nonfinite=skip to skip such steps instead"
+        )
 
     def loss(self, model, batch, batch_idx: int):
         if self.lightning:
             return self.lightning.training_step(model, batch, batch_idx)
         return self.recipe.loss(model, batch)
 
-    def step_flags(self, grad_norm: torch.Tensor) -> tuple[bool, bool]:
-        """(non-finite gradient, stop requested): the one host sync a step.
-
-        The norm is the same on every rank; a stop signal may have reached one rank
-        only, so the flags are summed over the ranks and every rank stops together.
-        """
-        flags = torch.stack([~torch.isfinite(grad_norm.detach().float()),
-                             torch.tensor(self.stop_requested, device=grad_norm.device)]).float()
-        nonfinite, stop = all_reduce_sum(flags).tolist()
-        return nonfinite > 0, stop > 0
-
     # ------------------------------------------------------------ logging
 
-    def log_train(self, epoch: int, window: torch.Tensor, last: StepOutput, steps: int,
-                  seconds: float, elapsed: float) -> None:
-        num, den = all_reduce_sum(window.clone()).tolist()
-        world = self.env.world_size
+    def log_train(self, epoch: int, window: Window, last: StepOutput, elapsed: float) -> bool:
+        """Log the window's row: the one host sync of the steps it covers. Returns whether a stop
+        signal reached any rank (summed with the loss: one all-reduce)."""
+        self.read_flags()
+        sums = torch.stack(window.losses).sum(0)
+        stop = torch.tensor([float(self.stop_requested)], device=self.device)
+        num, den, stopping = all_reduce_sum(torch.cat([sums, stop])).tolist()
+        seconds = time.perf_counter() - window.start
+        world, steps = self.env.world_size, window.steps
         # A mean loss contributes one local mean per step and rank; a pair, its totals and counts.
         loss = num / den if den else float("nan")
         samples_per_s = steps * self.plan.global_batch / max(seconds, 1e-9)
         row = {
             "step": self.step, "epoch": epoch, "loss": loss,
-            "lr": last.lr, "grad_norm": float(last.grad_norm),
+            "lr": last.lr, "grad_norm": last.grad_norm.item(),
+            "step_time": seconds / steps, "data_wait": min(1.0, window.data_wait / max(seconds, 1e-9)),
             "samples_per_s": samples_per_s, "time": round(elapsed, 3),
         }
         if self.skipped_steps:
@@ -320,11 +369,13 @@ class Trainer:
             row["tokens_per_s"] = samples_per_s * self.tokens_per_sample
         if self.flops_per_sample and self.peak_flops:
             row["mfu"] = samples_per_s * self.flops_per_sample / (world * self.peak_flops)
+        row.update(memory_figures(self.device))
         if self.lightning:
             row.update(self.lightning.step_values())
             if self.loggers.console:
                 self.loggers.console.prog_bar = self.lightning.prog_bar_names()
         self.loggers.log(row)
+        return stopping > 0
 
     def end_epoch(self, epoch: int) -> None:
         """A LightningModule's on_epoch training logs, then its on_train_epoch_end."""
@@ -348,6 +399,7 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self, epoch: int) -> None:
+        self.read_flags()
         if self.val_set is None:
             return
         model = self.strategy.eval_model
@@ -386,6 +438,7 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints and signals
 
     def save(self) -> None:
+        self.read_flags()  # a step skipped for a non-finite gradient under on_nonfinite=stop saves nothing
         meta = {
             "step": self.step,
             "skipped_steps": self.skipped_steps,
@@ -432,6 +485,21 @@ class Trainer:
 def restore_signal_handlers(previous: dict) -> None:
     for sig, handler in previous.items():
         signal.signal(sig, handler)
+
+
+def memory_figures(device: torch.device) -> dict:
+    """Peak memory so far, read without waiting for the device: the CUDA caching allocator's
+    high-water marks and its retries (a retry means it freed its cache to satisfy a request:
+    memory is tight), or on the CPU the process's peak resident set size."""
+    gib = 1024**3
+    if device.type == "cuda":
+        stats = torch.cuda.memory_stats(device)
+        return {"mem_max_allocated_gib": stats.get("allocated_bytes.all.peak", 0) / gib,
+                "mem_max_reserved_gib": stats.get("reserved_bytes.all.peak", 0) / gib,
+                "alloc_retries": stats.get("num_alloc_retries", 0)}
+    import resource
+
+    return {"mem_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / gib}  # KiB on Linux
 
 
 def peak_flops(device: torch.device, precision: str) -> float | None:

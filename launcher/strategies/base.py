@@ -74,7 +74,15 @@ class Strategy:
             return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
         return torch.nn.utils.get_total_norm(self.grads(), foreach=True)  # for the log and the finite check
 
-    def step(self) -> bool:
+    @property
+    def skips_on_device(self) -> bool:
+        """Can step(found_inf) skip the update without the host reading the flag? The fused
+        torch optimizers can: their kernels leave weights and state alone where it is set."""
+        return bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
+
+    def step(self, found_inf: torch.Tensor | None = None) -> bool:
+        """Apply the update; with found_inf (only where skips_on_device), skip it on the device
+        when the flag is set. Returns False when the fp16 scaler skipped the step."""
         scaler = self.precision.scaler
         applied = True
         if scaler:
@@ -83,6 +91,8 @@ class Strategy:
             scaler.update()
             applied = scaler.get_scale() >= before  # the scale drops exactly when a step was skipped
         else:
+            if found_inf is not None:
+                self.optimizer.found_inf = found_inf.float()  # read by the fused kernels' step
             self.optimizer.step()
         self.zero_grad()
         return applied

@@ -147,6 +147,7 @@ def ds_config(cfg, plan, cuda: bool) -> dict:
 
 class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
+    skips_on_device = False  # the engine steps (and reads its overflow flag) itself
     uses_torch_scaler = False  # DeepSpeed scales fp16 losses itself
 
     def __init__(self, *args, **kwargs):
