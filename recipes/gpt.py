@@ -1,12 +1,28 @@
-"""A small byte-level GPT (decoder-only transformer) on Python's own standard library sources or any text file."""
+"""A small GPT (decoder-only transformer): bytes of text, or the token ids of a token file.
+
+The data, non-overlapping windows of seq_len + 1 tokens, (x, y) = (window[:-1], window[1:]),
+comes from one of:
+
+- nothing set: the .py sources of Python's own standard library, as bytes, up to max_chars;
+- `text_file`: a text file, as bytes, up to max_chars, read into memory;
+- `data_file`: a token file (`.bin`, e.g. from scripts/prepare_text.py): a flat array of
+  little-endian token ids with no header (nanoGPT's layout), `token_dtype` uint8 (bytes, the
+  default) or uint16. It is read through numpy.memmap, one window at a time, never whole:
+  files larger than memory work, and max_chars does not apply. `vocab_size` must exceed every
+  id (50257 for GPT-2's tokens); it sizes the embedding and the head.
+
+Validation is the last val_fraction of the windows (the tail of the corpus), or with
+`val_file` (data_file only) every window of that token file.
+"""
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -14,19 +30,23 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-VOCAB = 256  # bytes: works for any file, no tokenizer to train or ship
+VOCAB = 256  # the default vocab_size, bytes: works for any file, no tokenizer to train or ship
 
 
 @dataclass
 class Config:
     text_file: Optional[str] = None  # None: the .py sources of Python's own standard library
-    max_chars: int = 2_000_000        # cap on the corpus size (bytes)
+    max_chars: int = 2_000_000        # cap on the corpus size (bytes); text only, a data_file is used whole
+    data_file: Optional[str] = None   # a token file (.bin) read on demand, instead of text; not with text_file
+    val_file: Optional[str] = None    # data_file's validation tokens; None: the last val_fraction of its windows
+    token_dtype: Literal["uint8", "uint16"] = "uint8"  # the token files' ids: bytes, or up to 65536 ids
     seq_len: int = 128
     n_layer: int = 4
     n_head: int = 4
     d_model: int = 128
+    vocab_size: int = VOCAB           # embedding and head rows: more than the largest token id
     tie_weights: bool = True          # head shares the token embedding's weight
-    val_fraction: float = 0.05
+    val_fraction: float = 0.05        # held out for validation (the tail of the windows); unused with val_file
 
 
 # ---------------------------------------------------------------- data
@@ -83,11 +103,107 @@ class Windows(Dataset):
         return w[:-1], w[1:]
 
 
+TOKEN_DTYPES = {"uint8": np.dtype("u1"), "uint16": np.dtype("<u2")}  # little-endian on every host
+
+
+class TokenFile(Dataset):
+    """Windows start ... start + count - 1 of a token file, each read from a numpy.memmap on access.
+
+    Pickles as its path and shape (DataLoader workers, spawn): each process maps the file
+    itself on first access, so no process holds more of the file than the windows it reads.
+    """
+
+    def __init__(self, path: str, dtype: str, width: int, start: int, count: int, vocab_size: int):
+        self.path, self.dtype, self.width = path, dtype, width
+        self.start, self.count, self.vocab_size = start, count, vocab_size
+        self._mm = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_mm": None}  # a mapping does not pickle; the worker maps its own
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i):
+        if i < 0:
+            i += self.count
+        if not 0 <= i < self.count:
+            raise IndexError(f"window {i} of {self.count}")
+        if self._mm is None:
+            self._mm = np.memmap(self.path, dtype=TOKEN_DTYPES[self.dtype], mode="r")
+            raw = getattr(self._mm, "_mmap", None)
+            if raw is not None and hasattr(mmap, "MADV_RANDOM"):
+                raw.madvise(mmap.MADV_RANDOM)  # windows come in random order: read-ahead would only waste I/O
+        a = (self.start + i) * self.width
+        w = torch.from_numpy(np.asarray(self._mm[a : a + self.width], dtype=np.int64))  # a copy of one window
+        top = int(w.max())
+        if top >= self.vocab_size:  # found here rather than as an index error deep in the embedding
+            raise ValueError(f"token id {top} in window {i} of {self.path} is not below recipe.vocab_size="
+                             f"{self.vocab_size}: set recipe.vocab_size above the largest id (50257 for GPT-2's "
+                             f"tokens), and check recipe.token_dtype={self.dtype}")
+        return w[:-1], w[1:]
+
+
+def token_file_windows(path: str, key: str, cfg: Config, need: int) -> int:
+    """How many whole windows the token file at `path` (recipe.`key`) holds, at least `need`."""
+    file = Path(path).expanduser()
+    dtype = TOKEN_DTYPES[cfg.token_dtype]
+    if not file.is_file():
+        raise ValueError(f"recipe.{key}={path}: no such file (give a token file of flat {cfg.token_dtype} token ids, "
+                         "e.g. from scripts/prepare_text.py)")
+    size = file.stat().st_size
+    if size % dtype.itemsize:
+        raise ValueError(f"recipe.{key}={path} holds {size} bytes, not a whole number of {cfg.token_dtype} tokens "
+                         f"({dtype.itemsize} bytes each): set recipe.token_dtype to the dtype the file was "
+                         "written with, or write the file again (it may be cut short)")
+    tokens = size // dtype.itemsize
+    width = cfg.seq_len + 1
+    if tokens // width < need:
+        windows = "two windows" if need == 2 else "one window"
+        raise ValueError(f"recipe.{key}={path} holds {tokens} tokens, fewer than {windows} of seq_len + 1 = {width}: "
+                         "use a longer file or a smaller seq_len")
+    return tokens // width
+
+
+def token_file_data(cfg: Config):
+    if cfg.text_file is not None:
+        raise ValueError(f"recipe.text_file={cfg.text_file} and recipe.data_file={cfg.data_file} are both set: "
+                         "give one (text_file: text read into memory as bytes; data_file: a token file read on demand)")
+    width = cfg.seq_len + 1
+    n = token_file_windows(cfg.data_file, "data_file", cfg, need=2)
+    path = str(Path(cfg.data_file).expanduser())
+    if cfg.val_file is None:
+        n_val = val_windows(n, cfg.val_fraction)
+        train = TokenFile(path, cfg.token_dtype, width, 0, n - n_val, cfg.vocab_size)
+        val = TokenFile(path, cfg.token_dtype, width, n - n_val, n_val, cfg.vocab_size) if n_val else None
+    else:
+        n_val = token_file_windows(cfg.val_file, "val_file", cfg, need=1)
+        train = TokenFile(path, cfg.token_dtype, width, 0, n, cfg.vocab_size)
+        val = TokenFile(str(Path(cfg.val_file).expanduser()), cfg.token_dtype, width, 0, n_val, cfg.vocab_size)
+    for dataset in (train, val):
+        if dataset is not None:
+            dataset[0]  # a vocab_size too small for the ids: most likely seen at once, before any worker starts
+    return train, val
+
+
+def val_windows(n: int, val_fraction: float) -> int:
+    """The validation windows, the last of n: at least one (if any) and never all."""
+    return min(n - 1, max(1, round(n * val_fraction))) if val_fraction > 0 else 0
+
+
 def data(cfg: Config):
     if cfg.seq_len < 1:
         raise ValueError(f"recipe.seq_len={cfg.seq_len} must be at least 1")
     if not 0 <= cfg.val_fraction < 1:
         raise ValueError(f"recipe.val_fraction={cfg.val_fraction} must be in [0, 1)")
+    if cfg.data_file is not None:
+        return token_file_data(cfg)
+    if cfg.val_file is not None:
+        raise ValueError(f"recipe.val_file={cfg.val_file} needs recipe.data_file (the training tokens); text is "
+                         "split by recipe.val_fraction")
+    if cfg.token_dtype != "uint8" or cfg.vocab_size < 256:
+        raise ValueError(f"text is bytes: recipe.token_dtype={cfg.token_dtype} and recipe.vocab_size={cfg.vocab_size} "
+                         "need recipe.data_file (a token file); for text keep uint8 and vocab_size 256 or more")
     corpus = read_corpus(cfg)
     width = cfg.seq_len + 1
     n = len(corpus) // width
@@ -95,7 +211,7 @@ def data(cfg: Config):
         raise ValueError(f"the corpus holds {len(corpus)} bytes, fewer than two windows of seq_len + 1 = {width}: "
                          "use a longer text_file or larger max_chars, or a smaller seq_len")
     windows = torch.from_numpy(np.frombuffer(corpus, dtype=np.uint8, count=n * width).reshape(n, width).copy())
-    n_val = min(n - 1, max(1, round(n * cfg.val_fraction))) if cfg.val_fraction > 0 else 0
+    n_val = val_windows(n, cfg.val_fraction)
     train = Windows(windows[: n - n_val])
     val = Windows(windows[n - n_val :]) if n_val else None
     return train, val
@@ -138,11 +254,11 @@ class GPT(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.seq_len = cfg.seq_len
-        self.tok_emb = nn.Embedding(VOCAB, cfg.d_model)
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_head) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model)
-        self.head = nn.Linear(cfg.d_model, VOCAB, bias=False)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.apply(init_weights)
         # GPT-2: the projections that write into the residual stream get std 0.02 / sqrt(2 * n_layer),
         # so the residual's variance does not grow with depth.
@@ -171,6 +287,8 @@ def init_weights(module: nn.Module) -> None:
 
 
 def model(cfg: Config) -> nn.Module:
+    if cfg.vocab_size < 1:
+        raise ValueError(f"recipe.vocab_size={cfg.vocab_size} must be at least 1")
     if cfg.d_model % cfg.n_head:
         raise ValueError(f"recipe.d_model={cfg.d_model} must be a multiple of recipe.n_head={cfg.n_head}")
     return GPT(cfg)
@@ -187,7 +305,7 @@ def loss(model: nn.Module, batch):
 
 def summed_loss(logits: torch.Tensor, y: torch.Tensor):
     logits = logits.float()  # the softmax in fp32 whatever the autocast dtype
-    total = F.cross_entropy(logits.reshape(-1, VOCAB), y.reshape(-1), reduction="sum")
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
     return total, torch.tensor(y.numel(), device=y.device)
 
 
@@ -215,11 +333,11 @@ def flops_per_sample(cfg: Config) -> float:
 
     N, the non-embedding parameters: 12 * d_model^2 a block (qkv 3 d^2, proj d^2,
     MLP 8 d^2; biases and LayerNorms are negligible) plus the output head's
-    VOCAB * d_model, a real matmul even when it shares its weight with the
+    vocab_size * d_model, a real matmul even when it shares its weight with the
     embedding; the embedding lookups cost no FLOPs.
     """
     d, T, L = cfg.d_model, cfg.seq_len, cfg.n_layer
-    n_params = 12 * L * d * d + VOCAB * d
+    n_params = 12 * L * d * d + cfg.vocab_size * d
     return 6 * n_params * T + 12 * L * d * T * T
 
 

@@ -197,14 +197,17 @@ def start(args, **popen):
 SLOW = {"name": "toy_recipes.slow", "hidden": 32, "delay_s": 0.03}
 
 
-@pytest.mark.parametrize("sig, nproc, target", [(signal.SIGTERM, 1, "process"), (signal.SIGUSR1, 2, "workers"),
-                                               (signal.SIGUSR1, 2, "launcher")])
-def test_stop_signal_checkpoints_at_the_next_step_and_exits_3(tmp_path, sig, nproc, target):
+@pytest.mark.parametrize("sig, nproc, target, log_every", [
+    (signal.SIGTERM, 1, "process", 1), (signal.SIGUSR1, 2, "workers", 1), (signal.SIGUSR1, 2, "launcher", 1),
+    (signal.SIGUSR1, 2, "workers", 4)])
+def test_stop_signal_checkpoints_at_the_next_step_and_exits_3(tmp_path, sig, nproc, target, log_every):
     """The signal to the workers (as SLURM sends it to every task) or to the launcher that
-    started them with --nproc (which passes it on)."""
+    started them with --nproc (which passes it on). One process stops at the next step; several
+    agree at the next row (the flag travels with the row's all-reduce: no sync on other steps)."""
     extra = ["--nproc", 2] if nproc == 2 else []
-    check(run(["run", config(tmp_path, "full", recipe=SLOW)] + extra))
-    proc = start(["run", config(tmp_path, "stopped", recipe=SLOW), *extra])
+    train = {"log_every_steps": log_every}
+    check(run(["run", config(tmp_path, "full", recipe=SLOW, train=train)] + extra))
+    proc = start(["run", config(tmp_path, "stopped", recipe=SLOW, train=train), *extra])
     wait_for_step(tmp_path / "stopped", 5, proc)
     targets = children(proc.pid) if target == "workers" else [proc.pid]
     assert len(targets) == (2 if target == "workers" else 1)
@@ -213,10 +216,10 @@ def test_stop_signal_checkpoints_at_the_next_step_and_exits_3(tmp_path, sig, npr
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 3, err
     stopped_at = int((tmp_path / "stopped" / "checkpoints" / "latest").read_text().split("_")[1])
-    assert 5 <= stopped_at < STEPS
+    assert 5 <= stopped_at < STEPS and stopped_at % log_every == 0
     assert max(by_step(tmp_path / "stopped")) <= stopped_at + 1
     # Running the same command again resumes and ends exactly where the uninterrupted run did.
-    check(run(["run", config(tmp_path, "stopped", recipe=SLOW)] + extra))
+    check(run(["run", config(tmp_path, "stopped", recipe=SLOW, train=train)] + extra))
     assert by_step(tmp_path / "stopped") == by_step(tmp_path / "full")
     assert_same_weights(weights(tmp_path / "stopped", tmp_path), weights(tmp_path / "full", tmp_path))
 
