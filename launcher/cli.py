@@ -1,4 +1,4 @@
-"""launcher run | plan | ls | export.
+"""launcher run | plan | ls | export | slurm | plot | new.
 
 Every check of the user's input (config, overrides, recipe contract, batch sizes,
 optional dependencies, the run directory) runs here, once, before any worker.
@@ -25,10 +25,12 @@ commands:
   launcher run CONFIG [key=value ...]             train (one process, or the workers of torchrun / srun)
   launcher run CONFIG --nproc 2 strategy=ddp      spawn 2 local workers through torch.distributed.run
   torchrun --nproc_per_node 2 -m launcher run CONFIG
-  launcher plan CONFIG --nproc 8                  resolved config, batch math and memory, no training
+  launcher plan CONFIG --nproc 8 [--nnodes 2]     batch math and memory per rank for every strategy, no training
   launcher ls                                     the recipes and configs that ship
   launcher export RUN_DIR [--step N] OUT.safetensors
   launcher slurm CONFIG --nodes 4 --gpus-per-node 8 --submit   write RUN_DIR/slurm/job.sbatch and submit it
+  launcher plot RUN_DIR [RUN_DIR ...] --out runs.png  loss, lr and throughput of runs, overlaid
+  launcher new NAME [--dir DIR]                   write NAME.py and NAME.yaml, a recipe that trains as written
 
 Overrides are dotted key=value pairs after the config, parsed as YAML scalars:
 optim.lr=3e-4 recipe.hidden=256 train.max_steps=100.
@@ -41,9 +43,10 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     p = argparse.ArgumentParser(prog="launcher", description="Train a PyTorch recipe on one CPU, "
                                 "a workstation's GPUs or a SLURM cluster.", epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{run,plan,ls,export,slurm}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{run,plan,ls,export,slurm,plot,new}")
 
-    run = sub.add_parser("run", help="train a config", description="Train CONFIG with optional key=value overrides.",
+    run = sub.add_parser("run", help="train a config", description="Train CONFIG with optional key=value overrides.\nEvery config key, its type, default and "
+                         "meaning: the config reference in README.md\n(generated from launcher/config.py).",
                          epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(run)
     run.add_argument("--nproc", type=int, default=None, help="spawn this many local workers (torch.distributed.run)")
@@ -55,9 +58,13 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     run.add_argument("--max-restarts", type=int, default=0,
                      help="restart the worker group this often after a failure; it resumes from the latest checkpoint")
 
-    plan = sub.add_parser("plan", help="print the resolved config, batch math and memory per rank")
+    from .plan import add_arguments as add_plan_arguments
+
+    plan = sub.add_parser("plan", help="print the resolved config, batch math and memory per rank for every strategy",
+                          description="Check CONFIG and print its batch math and, for its strategy and every other, "
+                          "the parameters, gradients and optimizer state each rank holds. Nothing is trained.")
     add_config_args(plan)
-    plan.add_argument("--nproc", type=int, default=1, help="world size to plan for")
+    add_plan_arguments(plan)
 
     sub.add_parser("ls", help="list the recipes and configs that ship")
 
@@ -74,6 +81,20 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
                            "after a preemption (SIGUSR1) and, a bounded number of times, after a failure.")
     add_config_args(slurm)
     add_slurm_arguments(slurm)
+
+    from .plot import add_arguments as add_plot_arguments
+
+    plot = sub.add_parser("plot", help="plot loss, learning rate and throughput of one or more runs",
+                          description="Plot train and validation loss, learning rate and throughput against step "
+                          "from each RUN_DIR's metrics.jsonl, several runs overlaid (needs the `plot` extra).")
+    add_plot_arguments(plot)
+
+    from .new import add_arguments as add_new_arguments
+
+    new = sub.add_parser("new", help="write a new recipe NAME.py and its config NAME.yaml that train as written",
+                         description="Write NAME.py (a commented recipe: Config, model, data, loss, metrics) and "
+                         "NAME.yaml beside it; `launcher run NAME.yaml` trains it. Refuses to overwrite.")
+    add_new_arguments(new)
     return p, sub.choices
 
 
@@ -141,6 +162,14 @@ def main(argv: list[str] | None = None) -> int:
             from .slurm import cmd_slurm
 
             return cmd_slurm(args)
+        if args.command == "plot":
+            from .plot import cmd_plot
+
+            return cmd_plot(args)
+        if args.command == "new":
+            from .new import cmd_new
+
+            return cmd_new(args)
     except ConfigError as e:
         # Every worker finds the same bad input: one message per node, not one per rank.
         if first_on_node():
@@ -152,9 +181,10 @@ def main(argv: list[str] | None = None) -> int:
 # ---------------------------------------------------------------- run
 
 
-def check_inputs(cfg: Config, world_size: int, origin: str):
+def check_inputs(cfg: Config, world_size: int, origin: str, report_only: bool = False):
     """Everything about the input that can be wrong, checked once in the launching process,
-    cheapest first; the recipe's data() is built last, to check it and its size."""
+    cheapest first; the recipe's data() is built last, to check it and its size. report_only
+    (launcher plan) changes nothing on disk: a damaged checkpoint is not set aside."""
     import torch
 
     from .checkpoint import resume_source
@@ -187,7 +217,7 @@ def check_inputs(cfg: Config, world_size: int, origin: str):
         from .strategies.deepspeed import ds_config
 
         ds_config(cfg, plan, cuda=False)  # raises for what DeepSpeed cannot run
-    resume = resume_source(cfg.checkpoint, Path(cfg.run_dir), world_size, may_move=global_rank_zero())
+    resume = resume_source(cfg.checkpoint, Path(cfg.run_dir), world_size, may_move=global_rank_zero() and not report_only)
     if resume is not None:
         check_resume_config(resume, cfg)
     check_writable(Path(cfg.run_dir))
@@ -354,15 +384,9 @@ def run_worker(cfg: Config, env, recipe) -> int:
 
 
 def cmd_plan(args) -> int:
-    import yaml
+    from .plan import cmd_plan as plan
 
-    from .plan import describe
-
-    cfg = load_config(args.config, args.overrides)
-    checked = check_inputs(cfg, args.nproc, args.config)
-    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    print(describe(cfg, checked.recipe, args.nproc))
-    return 0
+    return plan(args)
 
 
 def cmd_ls() -> int:

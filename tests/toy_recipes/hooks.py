@@ -15,7 +15,7 @@ class Config(digits.Config):
     step_size: int = 3
 
 
-model, data, loss, metrics = digits.model, digits.data, digits.loss, digits.metrics
+model, data, loss, eval_step = digits.model, digits.data, digits.loss, digits.eval_step
 
 
 def optimizer(model, cfg):
