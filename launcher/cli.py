@@ -190,6 +190,7 @@ def check_inputs(cfg: Config, world_size: int, origin: str, report_only: bool = 
     from .checkpoint import resume_source
     from .recipe import Recipe
     from .strategies import resolve_name
+    from .stream import train_length
     from .trainer import batch_plan
 
     recipe = Recipe.load(cfg.recipe, origin)
@@ -222,7 +223,8 @@ def check_inputs(cfg: Config, world_size: int, origin: str, report_only: bool = 
         check_resume_config(resume, cfg)
     check_writable(Path(cfg.run_dir))
     train_set, _ = recipe.build_data()
-    plan = batch_plan(cfg, world_size, len(train_set))  # a train set smaller than one global batch
+    say = (lambda m: print(m, file=sys.stderr)) if global_rank_zero() else None
+    plan = batch_plan(cfg, world_size, train_length(cfg, train_set, say))  # a train set smaller than one global batch
     return Checked(recipe, plan, resume)
 
 

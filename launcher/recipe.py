@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.utils.data import IterableDataset
 
 from .config import ConfigError, validate_recipe_fields
 from .lightning import LightningAdapter, check_module, is_lightning_shaped
@@ -143,9 +144,10 @@ class Recipe:
             if not (isinstance(out, tuple) and len(out) == 2):
                 raise RecipeError(f"recipe `{self.name}`: data() must return a pair (train, val); val may be None, "
                                   f"not {describe_value(out)}")
-            if not hasattr(out[0], "__len__"):
+            if not (hasattr(out[0], "__len__") or isinstance(out[0], IterableDataset)):
                 raise RecipeError(f"recipe `{self.name}`: data()'s train set must be a map-style Dataset with "
-                                  f"__len__ and __getitem__, not {type(out[0]).__name__}")
+                                  "__len__ and __getitem__, or a torch.utils.data.IterableDataset (a stream), not "
+                                  f"{type(out[0]).__name__}")
             self._data = out
         return self._data
 

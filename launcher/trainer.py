@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from . import STARTED_AT
 from . import data as data_mod
+from . import stream as stream_mod
 from .checkpoint import Checkpointer
 from .config import Config, ConfigError, ScheduleConfig, dump_config
 from .env import DistEnv, rendezvous
@@ -124,10 +125,13 @@ class Trainer:
         seed_everything(cfg.train.seed)
         self.recipe = recipe or Recipe.load(cfg.recipe)
         train_set, self.val_set = self.recipe.build_data()
-        self.plan = batch_plan(cfg, env.world_size, len(train_set))
+        self.plan = batch_plan(cfg, env.world_size, stream_mod.train_length(cfg, train_set))
         t = cfg.train
         self.total_steps = total_steps(cfg, self.plan)
-        self.loader = data_mod.train_loader(
+        self.loader = stream_mod.StreamLoader(
+            train_set, self.plan, env.rank, cfg.data.num_workers, self.recipe.collate, device.type == "cuda",
+            cfg.data.prefetch_factor,
+        ) if stream_mod.is_stream(train_set) else data_mod.train_loader(
             train_set, self.plan, env.rank, t.seed, cfg.data.shuffle, cfg.data.num_workers,
             self.recipe.collate, pin_memory=device.type == "cuda",
         )
@@ -185,8 +189,8 @@ class Trainer:
         if self.env.is_main:
             dump_config(self.cfg, self.run_dir / "config.yaml")
             print(f"{self.recipe.name}: {self.strategy.name} on {self.env.world_size} process(es) ({self.device}), "
-                  f"{describe_batch(self.cfg, self.plan)}; {self.total_steps} steps, {self.plan.steps_per_epoch} "
-                  "an epoch", file=sys.stderr, flush=True)
+                  f"{describe_batch(self.cfg, self.plan)}; {self.total_steps} steps, {self.epoch_text()}",
+                  file=sys.stderr, flush=True)
         previous = self.install_signal_handlers()
         bad_input = False
         try:
@@ -196,7 +200,7 @@ class Trainer:
             self.hook("on_train_end")
             self.save()  # before the final validation: a failure there loses no trained step
             self.checkpointer.wait()
-            self.evaluate(max(0, self.step - 1) // self.plan.steps_per_epoch)
+            self.evaluate(self.last_epoch())
             self.checkpointer.mark_finished(self.step)
             self.hook("on_fit_end")
             self.hook("teardown", "fit")
@@ -217,11 +221,14 @@ class Trainer:
         cfg, plan = self.cfg.train, self.plan
         window, t0, first_step = Window(), time.perf_counter(), True
         while self.step < self.total_steps:
-            epoch, start = divmod(self.step, plan.steps_per_epoch)
-            self.loader.sampler.set_epoch(epoch, start)
-            batches = iter(self.loader)
+            if isinstance(self.loader, stream_mod.StreamLoader):  # a stream finds where each epoch ends as it reads
+                epoch, batches, steps = self.loader.epoch_from(self.step)
+            else:
+                epoch, start = divmod(self.step, plan.steps_per_epoch)
+                self.loader.sampler.set_epoch(epoch, start)
+                batches, steps = iter(self.loader), range(start, plan.steps_per_epoch)
             self.hook("on_train_epoch_start")
-            for _ in range(start, plan.steps_per_epoch):
+            for _ in steps:
                 out = self.train_step(batches, window)
                 self.step += 1
                 if first_step:
@@ -238,7 +245,8 @@ class Trainer:
                     self.watchdog.beat(self.step, 0, "logging")
                     stop = self.log_train(epoch, window, out, time.perf_counter() - t0)
                     window = Window()
-                if self.step % plan.steps_per_epoch == 0 or self.step == self.total_steps:
+                if (self.step % plan.steps_per_epoch == 0 or self.step == self.total_steps
+                        or stream_mod.epoch_over(batches)):
                     self.end_epoch(epoch)
                 if cfg.eval_every_steps and self.step % cfg.eval_every_steps == 0 and self.step < self.total_steps:
                     self.evaluate(epoch)
@@ -338,6 +346,17 @@ class Trainer:
             "the weights and the last good checkpoint is kept. Set train.on_nonfinite=skip to skip such steps instead"
         )
 
+    def epoch_text(self) -> str:
+        if isinstance(self.loader, stream_mod.StreamLoader) and not self.loader.known:
+            return "an epoch a pass of the stream"
+        return f"{self.plan.steps_per_epoch} an epoch"
+
+    def last_epoch(self) -> int:
+        """The epoch of the last step: a stream knows it as it reads (its passes need not be whole steps)."""
+        if isinstance(self.loader, stream_mod.StreamLoader):
+            return self.loader.epoch
+        return max(0, self.step - 1) // self.plan.steps_per_epoch
+
     def loss(self, model, batch, batch_idx: int):
         if self.lightning:
             return self.lightning.training_step(model, batch, batch_idx)
@@ -408,8 +427,8 @@ class Trainer:
         self.hook("on_validation_epoch_start")
         sums: dict[str, torch.Tensor] = {}
         batch_size = self.cfg.train.eval_batch_size or self.plan.micro_batch
-        loader = data_mod.EvalLoader(self.val_set, batch_size, self.env.rank, self.env.world_size,
-                                     self.cfg.data.num_workers, self.recipe.collate)
+        loader = (stream_mod.EvalStream if stream_mod.is_stream(self.val_set) else data_mod.EvalLoader)(
+            self.val_set, batch_size, self.env.rank, self.env.world_size, self.cfg.data.num_workers, self.recipe.collate)
         for i, (batch, n, counts) in enumerate(loader):
             self.watchdog.beat(self.step, i, "validation")
             batch = data_mod.to_device(batch, self.device)
@@ -448,11 +467,14 @@ class Trainer:
             "scaler": self.precision.scaler.state_dict() if self.precision.scaler else None,
             "config": self.cfg.to_dict(),  # a resume under a config that changes the math is refused
         }
+        strategy = self.strategy
+        if isinstance(self.loader, stream_mod.StreamLoader):  # where the stream is, and its state if it has one
+            meta["stream"], strategy = self.loader.checkpoint(self.step, self.strategy)
         extra = {}  # what a LightningModule adds to its checkpoint in on_save_checkpoint
         self.hook("on_save_checkpoint", extra)
         self.watchdog.suspend(True)
         try:
-            self.checkpointer.save(self.step, self.strategy, meta, extra)
+            self.checkpointer.save(self.step, strategy, meta, extra)
         finally:
             self.watchdog.suspend(False)
 
@@ -463,6 +485,8 @@ class Trainer:
         self.step, self.skipped_steps = meta["step"], meta["skipped_steps"]
         self.checkpointer.last_saved_step = self.step  # that checkpoint is this state
         self.schedule.load_state_dict(meta["scheduler"])
+        if isinstance(self.loader, stream_mod.StreamLoader):
+            self.loader.restore(self.step, meta, path)
         self.hook("on_load_checkpoint", self.checkpointer.load_extra(path))
         if self.precision.scaler and meta.get("scaler"):
             self.precision.scaler.load_state_dict(meta["scaler"])
