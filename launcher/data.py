@@ -73,13 +73,35 @@ class ShardedSampler(Sampler[int]):
 
 
 def train_loader(dataset: Dataset, plan: BatchPlan, rank: int, seed: int, shuffle: bool,
-                 num_workers: int, collate, pin_memory: bool) -> DataLoader:
+                 num_workers: int, collate, pin_memory: bool | str, prefetch_factor: int | None = None) -> DataLoader:
+    """The order does not depend on the workers: the sampler runs in this process and the loader
+    hands the batches back in sampler order, however many workers load them.
+
+    pin_memory (data.pin_memory): page-locked batches, so that to_device's non_blocking copy runs
+    asynchronously; only CUDA has a use for them, which is what "auto" means.
+    """
+    pin_memory = resolve_pin_memory(pin_memory)
     sampler = ShardedSampler(plan, rank, seed, shuffle)
+    workers = num_workers > 0
     return DataLoader(
         dataset, batch_size=plan.micro_batch, sampler=sampler, num_workers=num_workers,
-        collate_fn=collate, pin_memory=pin_memory, drop_last=False,
-        persistent_workers=False,
+        collate_fn=collate, pin_memory=bool(pin_memory), drop_last=False,
+        # Workers start once, not every epoch (set_epoch reaches them through the indices the sampler
+        # yields here); torch refuses a prefetch_factor without workers.
+        persistent_workers=workers, prefetch_factor=prefetch_factor if workers else None,
     )
+
+
+def resolve_pin_memory(pin_memory: bool | str) -> bool:
+    """data.pin_memory: auto is on exactly with CUDA (the launcher trains on CUDA when it is there)."""
+    if pin_memory == "auto":
+        return torch.cuda.is_available()
+    if pin_memory and not torch.cuda.is_available():
+        from .errors import ConfigError
+
+        raise ConfigError("data.pin_memory=true needs CUDA (page-locked memory only speeds up copies to a GPU): "
+                          "set data.pin_memory=auto or false")
+    return bool(pin_memory)
 
 
 def eval_batches(n: int, batch_size: int, rank: int, world_size: int) -> list[tuple[list[int], bool]]:
@@ -113,6 +135,9 @@ class EvalLoader:
 
 
 def to_device(batch, device: torch.device):
+    """Host to device, asynchronous when the batch is pinned (data.pin_memory), else a plain copy.
+    Safe: the kernels that read the batch queue behind the copy on the same stream, and torch's pinned
+    allocator does not reuse the source until the copy is done."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):

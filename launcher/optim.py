@@ -1,6 +1,7 @@
 """Optimizers and learning-rate schedules from the config."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -13,10 +14,50 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer
     params = [p for p in model.parameters() if p.requires_grad]  # frozen parameters stay out
     if not params:
         raise ConfigError("the recipe's model has no trainable parameters (every parameter has requires_grad=False)")
+    impl = implementation(cfg.impl, params)
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
-    return cls(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **impl)
+    else:
+        cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
+        optimizer = cls(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, **impl)
+    optimizer.register_load_state_dict_post_hook(functools.partial(keep_implementation, impl))
+    return optimizer
+
+
+def implementation(impl: str, params: list[torch.Tensor]) -> dict:
+    """The optimizer's foreach / fused flags for optim.impl. The three compute the same update up to
+    rounding. auto: fused (one kernel per step over all tensors, the fastest) where torch has the
+    kernel for every parameter, else foreach (torch itself would pick the for-loop on the CPU)."""
+    if impl == "for_loop":
+        return {"foreach": False, "fused": False}
+    if impl == "foreach":
+        return {"foreach": True, "fused": False}
+    unfit = next((p for p in params if not has_fused_kernel(p)), None)
+    if unfit is None:
+        return {"foreach": False, "fused": True}
+    if impl == "fused":
+        raise ConfigError(f"optim.impl=fused: torch {torch.__version__} has no fused optimizer kernel for "
+                          f"{unfit.dtype} parameters on {unfit.device.type}: set optim.impl=auto (fused wherever it "
+                          "can be) or foreach")
+    return {"foreach": True, "fused": False}
+
+
+def has_fused_kernel(p: torch.Tensor) -> bool:
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices  # the list torch checks against
+
+    return torch.is_floating_point(p) and p.device.type in _get_fused_kernels_supported_devices()
+
+
+def keep_implementation(impl: dict, optimizer: torch.optim.Optimizer) -> None:
+    """load_state_dict takes foreach / fused from the checkpoint's param groups: put optim.impl back. A
+    fused step wants its step counters on the parameters' device as float32 (the others take any)."""
+    for group in optimizer.param_groups:
+        group.update(impl)
+        if impl["fused"]:
+            for p in group["params"]:
+                state = optimizer.state.get(p, {})
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
 
 
 def lr_factor(cfg: ScheduleConfig, total_steps: int):
@@ -42,16 +83,20 @@ class Schedule:
     """A learning-rate scheduler and when it steps: every `frequency` optimizer steps
     (interval "step"), or at the end of every `frequency` epochs (interval "epoch")."""
 
-    def __init__(self, scheduler, interval: str = "step", frequency: int = 1, source: str = "the config's schedule:"):
+    def __init__(self, scheduler, interval: str = "step", frequency: int = 1, source: str = "the config's schedule:",
+                 constant: bool = False):
         if interval not in ("step", "epoch"):
             raise ConfigError(f"a scheduler's interval must be 'step' or 'epoch', not {interval!r}")
         if type(scheduler).__name__ == "ReduceLROnPlateau":
             raise ConfigError("ReduceLROnPlateau (a scheduler stepped with a monitored metric) is not supported: "
                               "use a scheduler stepped by count (StepLR, CosineAnnealingLR, LambdaLR, ...)")
         self.scheduler, self.interval, self.frequency, self.source = scheduler, interval, frequency, source
+        self.constant = constant  # a constant rate: stepping the scheduler would change nothing
 
     def after_step(self, applied: bool, step: int, steps_per_epoch: int) -> None:
         """Called after optimizer step number `step` (1-based); `applied` is False when it was skipped."""
+        if self.constant:
+            return
         if self.interval == "step":
             if applied and step % self.frequency == 0:
                 self.scheduler.step()

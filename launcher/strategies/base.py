@@ -15,8 +15,10 @@ import warnings
 from typing import Callable
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
+from ..config import ConfigError
 from ..precision import Precision
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
@@ -33,13 +35,35 @@ class Strategy:
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self._checkpoint_group = None
+        self._params: list[torch.Tensor] | None = None
+        self._one: torch.Tensor | None = None
 
     # ------------------------------------------------------------ set-up
 
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
-        """Wrap the model, then build the optimizer over the wrapped parameters."""
-        self.model = self.wrap(model.to(self.device))
+        """Checkpoint and compile the units, wrap the model, then build the optimizer over the wrapped
+        parameters."""
+        self.model = self.wrap(self.prepare(model.to(self.device)))
         self.optimizer = make_optimizer(self.model)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """train.activation_checkpointing, then train.compile, on each outermost shard unit, in place
+        and before wrap: FSDP2's fully_shard then goes around both (its hooks stay out of the compiled
+        code). Only the unit's own forward changes: parameter names and state dicts stay as they are."""
+        t = self.cfg.train
+        if not (t.activation_checkpointing or t.compile):
+            return model
+        units = outermost([u for u in self.shard_units(model) if u is not model])
+        if t.activation_checkpointing:
+            check_checkpoint_units(units)
+            for unit in units:
+                checkpoint_forward(unit)
+        if t.compile:
+            # Without units, the whole model; for a LightningModule its own forward, not training_step.
+            for unit in units or [getattr(model, "module", model) if type(model).__name__ == "LightningAdapter"
+                                  else model]:
+                unit.forward = torch.compile(unit.forward)
+        return model
 
     def wrap(self, model: nn.Module) -> nn.Module:
         return model
@@ -59,7 +83,23 @@ class Strategy:
         (scaler.scale(loss) if scaler else loss).backward()
 
     def grads(self) -> list[torch.Tensor]:
-        return [p.grad for p in self.model.parameters() if p.grad is not None]
+        if self._params is None:  # fixed once wrapped; walking the module tree every step costs more
+            self._params = list(self.model.parameters())
+        return [p.grad for p in self._params if p.grad is not None]
+
+    def flag_nonfinite(self, found: torch.Tensor) -> None:
+        """Set the float scalar `found` (zero) to 1 where some gradient holds a NaN or an inf, the
+        same on every rank: for steps that need no norm (no clipping, no row). One fused pass over
+        whole gradients (single, DDP: every rank holds the reduced gradient); sharded ones need the
+        reduced norm instead."""
+        grads = self.grads()
+        if not grads or hasattr(grads[0], "full_tensor") or len({g.dtype for g in grads}) > 1:
+            found.copy_(nonfinite(self.clip_grad_norm(None)))
+            return
+        if self._one is None:
+            self._one = torch.ones((), device=found.device)
+        # The gradient scaler's own check: it also multiplies by 1.0, which changes no value.
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, self._one)
 
     def scale_grads(self, factor: torch.Tensor) -> None:
         grads = self.grads()
@@ -92,7 +132,7 @@ class Strategy:
             applied = scaler.get_scale() >= before  # the scale drops exactly when a step was skipped
         else:
             if found_inf is not None:
-                self.optimizer.found_inf = found_inf.float()  # read by the fused kernels' step
+                self.optimizer.found_inf = found_inf  # read by the fused kernels' step (a float flag)
             self.optimizer.step()
         self.zero_grad()
         return applied
@@ -152,6 +192,38 @@ class Strategy:
         optim = sum(local_tensor(v).numel() for s in self.optimizer.state.values()
                     for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
         return {"params": params, "optim": optim}
+
+
+def nonfinite(norm: torch.Tensor) -> torch.Tensor:
+    """1.0 where the norm is NaN or inf, as a float flag for the fused optimizers' found_inf."""
+    return torch.isfinite(norm).logical_not_().float()
+
+
+def check_checkpoint_units(units: list[nn.Module]) -> None:
+    if not units:
+        raise ConfigError(
+            "train.activation_checkpointing=true needs shard units to checkpoint, and this model has none "
+            "(no nn.ModuleList, no shard_units(model) in the recipe): add shard_units to the recipe, or "
+            "set train.activation_checkpointing=false")
+
+
+def outermost(units: list[nn.Module]) -> list[nn.Module]:
+    """The units not inside another unit: a nested one is checkpointed or compiled with its parent."""
+    inner = {id(m) for u in units for m in u.modules() if m is not u}
+    return list({id(u): u for u in units if id(u) not in inner}.values())
+
+
+def checkpoint_forward(module: nn.Module) -> None:
+    """Keep only the unit's inputs from its forward; its backward recomputes the rest (non-reentrant
+    torch.utils.checkpoint: works under no_sync, DDP, FSDP2 and torch.compile)."""
+    forward = module.forward
+
+    def checkpointed(*args, **kwargs):
+        if not torch.is_grad_enabled():  # validation: nothing to save, nothing to recompute
+            return forward(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    module.forward = checkpointed
 
 
 def default_shard_units(model: nn.Module) -> list[nn.Module]:

@@ -95,6 +95,11 @@ def ds_config(cfg, plan, cuda: bool) -> dict:
     calls this before any worker starts.
     """
     ds = cfg.deepspeed
+    if cfg.train.compile:
+        # Not wired: ZeRO-3 gathers parameters in hooks on every submodule, inside the units compile
+        # would trace, and DeepSpeed's own engine.compile() is another path the launcher does not drive.
+        raise ConfigError("train.compile=true is not supported with strategy=deepspeed: set train.compile=false, "
+                          "or use strategy=fsdp (sharding like ZeRO-3) or ddp, which compile each shard unit")
     zero: dict = {"stage": ds.zero_stage}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cuda}
@@ -167,7 +172,7 @@ class DeepSpeedStrategy(Strategy):
         for key, value in (("LOCAL_RANK", self.env.local_rank), ("RANK", self.env.rank),
                            ("WORLD_SIZE", self.env.world_size)):
             os.environ.setdefault(key, str(value))  # DeepSpeed reads these; a plain one-process run lacks them
-        model = model.to(self.device)
+        model = self.prepare(model.to(self.device))  # activation checkpointing (compile is refused in ds_config)
         optimizer = make_optimizer(model)  # over the plain module's parameters, before DeepSpeed wraps them
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
                                                dist_init_required=False)
