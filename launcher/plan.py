@@ -190,6 +190,21 @@ def fsdp(s: Setup, shard: int) -> Row:
     return Row("", ranks, legend + host_note(host, "everything (cpu_offload)"))
 
 
+def hsdp(s: Setup) -> Row:
+    """FSDP2 inside each of R replica groups of W/R ranks: rank r holds shard r mod W/R."""
+    r = replicas(s.cfg, s.world)
+    row = fsdp(s, shard=s.world // r)
+    row.legend += f"; {r} replica groups hold the same shards (gradients all-reduced across them)"
+    return row
+
+
+def replicas(cfg, world: int) -> int:
+    """fsdp.replicate as R; `nodes` counts as one node here (cmd_plan resolves it from --nnodes first)."""
+    from .strategies.fsdp import replica_groups
+
+    return replica_groups(cfg.fsdp.replicate, world, world)
+
+
 def dim0_shards(items, shard: int, host: bool) -> list[Held]:
     """Per shard rank: (param, copies, itemsize) split on dim 0 as FSDP2 does it (torch.chunk).
 
@@ -316,18 +331,19 @@ def unmodelled(s: Setup) -> str:
         "grad_accum_dtype") else ""
 
 
-# Every row: key -> (label, how). A future HSDP row is one more line:
-#     "hsdp": ("HSDP", lambda s: fsdp(s, shard=s.world // s.cfg.fsdp.replicate)),
+# Every row: key -> (label, how).
 ROWS = {
     "single": ("single", lambda s: replicated(s, ddp=False)),
     "ddp": ("ddp", lambda s: replicated(s, ddp=True)),
     "fsdp": ("fsdp", lambda s: fsdp(s, shard=s.world)),
+    "hsdp": ("HSDP", hsdp),
     "zero0": ("ZeRO-0", lambda s: replicated(s, ddp=False)),
     "zero1": ("ZeRO-1", lambda s: zero12(s, 1)),
     "zero2": ("ZeRO-2", lambda s: zero12(s, 2)),
     "zero3": ("ZeRO-3", zero3),
 }
-OPTIONAL = {"single": lambda world, mine: world == 1 or mine == "single", "zero0": lambda world, mine: mine == "zero0"}
+OPTIONAL = {"single": lambda world, mine: world == 1 or mine == "single", "zero0": lambda world, mine: mine == "zero0",
+            "hsdp": lambda world, mine: mine == "hsdp"}  # with fsdp.replicate=1 it is the fsdp row
 
 
 def chosen(cfg, world_size: int) -> str:
@@ -337,6 +353,8 @@ def chosen(cfg, world_size: int) -> str:
     name = resolve_name(cfg.strategy, world_size)
     if name == "deepspeed":
         return f"zero{int(deepspeed_settings(cfg, world_size).get('zero_optimization', {}).get('stage', 0))}"
+    if name == "fsdp" and replicas(cfg, world_size) > 1:
+        return "hsdp"
     return name
 
 
@@ -344,7 +362,7 @@ def estimate(cfg, recipe, world_size: int) -> dict[str, Row]:
     """What each rank holds under the config's strategy and every other: {row key: Row}.
 
     Keys (ROWS): ddp, fsdp, zero1, zero2, zero3; single at world size 1, zero0 when the
-    config chose DeepSpeed's stage 0."""
+    config chose DeepSpeed's stage 0, hsdp when it chose fsdp with fsdp.replicate > 1."""
     return rows_for(setup(cfg, recipe, world_size))
 
 
@@ -470,7 +488,7 @@ def describe(cfg, recipe, world_size: int, nodes: int = 1) -> str:
     name = resolve_name(cfg.strategy, world_size)
     schedule = f"the config (schedule.decay={cfg.schedule.decay}, warmup_steps={cfg.schedule.warmup_steps})"
     lines = [
-        f"strategy: {name}{f' ({ROWS[mine][0]})' if name == 'deepspeed' else ''}   world size: {world_size}"
+        f"strategy: {name}{f' ({ROWS[mine][0]})' if mine != name else ''}   world size: {world_size}"
         f"{f' ({nodes} nodes x {world_size // nodes} processes)' if nodes > 1 else ''}   precision: {cfg.precision}",
         f"batch: {describe_batch(cfg, plan)}",
         f"optimizer: {model.optimizer}",
@@ -519,6 +537,8 @@ def cmd_plan(args) -> int:
             raise ConfigError(f"{flag} {value}: it must be at least 1")
     world_size = args.nproc * args.nnodes
     cfg = load_config(args.config, args.overrides)
+    if cfg.fsdp.replicate == "nodes":  # one replica group per node: the plan's --nnodes
+        cfg.fsdp.replicate = args.nnodes
     checked = check_inputs(cfg, world_size, args.config, report_only=True)
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     print(describe(cfg, checked.recipe, world_size, nodes=args.nnodes))

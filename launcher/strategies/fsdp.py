@@ -11,6 +11,13 @@ the sharded parameters, so its state is sharded too.
 The loss normalisation of the trainer holds unchanged: FSDP's reduce-scatter
 averages the gradients over the W ranks, as DDP's all-reduce does.
 
+HSDP (fsdp.replicate = R > 1): a 2-D mesh of R replica groups x W/R ranks. Each
+group shards the model over its own ranks (rank r holds shard r mod W/R); the
+gradients are reduce-scattered inside the group, then all-reduced across the
+groups, the average over all W ranks again. With R = the number of nodes
+(fsdp.replicate=nodes) every all-gather and reduce-scatter stays inside a node;
+only the all-reduce of the sharded gradients, once a step, crosses nodes.
+
 Precision: bf16 / fp16 become FSDP's MixedPrecisionPolicy (low-precision compute
 and all-gather, fp32 reduce-scatter, fp32 sharded master weights and optimizer
 state). fp16 keeps the trainer's torch.amp.GradScaler: its unscale_ works on
@@ -25,8 +32,29 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..config import ConfigError
 from ..env import ensure_process_group
 from .base import Strategy, local_tensor
+
+
+def replica_groups(replicate: int | str, world_size: int, local_world_size: int) -> int:
+    """fsdp.replicate as R, the number of replica groups; `nodes` is one group per node. Bad
+    input: an R that does not divide the world size (the message lists those that do)."""
+    if replicate == "nodes":
+        # torchrun and srun number the ranks node by node: a shard group of W / nodes ranks is a node.
+        if world_size % local_world_size:
+            raise ConfigError(f"fsdp.replicate=nodes needs the same number of processes on every node, and this "
+                              f"node runs {local_world_size} of {world_size}: set fsdp.replicate to one of "
+                              f"{divisors(world_size)}")
+        return world_size // local_world_size
+    if replicate < 1 or world_size % replicate:
+        raise ConfigError(f"fsdp.replicate={replicate} must divide the world size {world_size} (replica groups of "
+                          f"equal size): use one of {divisors(world_size)}, or nodes (one group per node)")
+    return replicate
+
+
+def divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
 
 class FSDPStrategy(Strategy):
@@ -37,7 +65,13 @@ class FSDPStrategy(Strategy):
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
         ensure_process_group(self.device)
-        mesh = init_device_mesh(self.device.type, (dist.get_world_size(),))
+        world = dist.get_world_size()
+        replicas = replica_groups(self.cfg.fsdp.replicate, world, self.env.local_world_size)
+        if replicas > 1:  # HSDP: shard inside each row of the mesh, all-reduce down its columns
+            mesh = init_device_mesh(self.device.type, (replicas, world // replicas),
+                                    mesh_dim_names=("replicate", "shard"))
+        else:
+            mesh = init_device_mesh(self.device.type, (world,))
         options = dict(
             mesh=mesh,
             reshard_after_forward=self.cfg.fsdp.reshard_after_forward,
@@ -47,11 +81,23 @@ class FSDPStrategy(Strategy):
                             else OffloadPolicy()),
         )
         # Innermost first: fully_shard needs a nested unit sharded before the unit around it.
-        for unit in reversed(self.shard_units(model)):
-            if unit is not model:
-                fully_shard(unit, **options)
+        units = [u for u in self.shard_units(model) if u is not model]
+        for unit in reversed(units):
+            fully_shard(unit, **options)
         fully_shard(model, **options)
+        self.set_prefetch(units)
         return model
+
+    def set_prefetch(self, units: list[nn.Module]) -> None:
+        """fsdp.forward_prefetch / backward_prefetch: when unit i's forward starts it also issues the
+        all-gathers of units i+1..i+N, and its backward those of i-1..i-N. Only how early they are
+        issued changes (more units unsharded at once), never the math."""
+        ahead, behind = self.cfg.fsdp.forward_prefetch, self.cfg.fsdp.backward_prefetch
+        for i, unit in enumerate(units):
+            if ahead:
+                unit.set_modules_to_forward_prefetch(units[i + 1 : i + 1 + ahead])
+            if behind > 1:  # 1 is FSDP2's own default, which follows the order the forward really ran
+                unit.set_modules_to_backward_prefetch(units[max(0, i - behind) : i][::-1])
 
     def mixed_precision_policy(self, policy_cls):
         """bf16 / fp16: compute (and all-gather) in the low precision, reduce-scatter in fp32; the
