@@ -200,6 +200,18 @@ def check_inputs(cfg: Config, world_size: int, origin: str, report_only: bool = 
     strategy = resolve_name(cfg.strategy, world_size)
     if strategy == "single" and world_size > 1:
         raise ConfigError(f"strategy=single cannot run on {world_size} processes: use ddp, fsdp or deepspeed (or auto)")
+    if strategy == "fsdp":
+        from .env import detect
+        from .strategies.fsdp import replica_groups
+
+        here = detect()
+        # `nodes` needs the node count: a worker knows it (W / its node's processes); the process that
+        # starts the workers under --nproc does not, and leaves that check to them.
+        if cfg.fsdp.replicate != "nodes" or here.world_size == world_size:
+            replica_groups(cfg.fsdp.replicate, world_size, here.local_world_size)
+    elif cfg.fsdp.replicate != 1:
+        raise ConfigError(f"fsdp.replicate={cfg.fsdp.replicate} (HSDP) needs strategy=fsdp, and this run's strategy is "
+                          f"{strategy}: set strategy=fsdp, or leave fsdp.replicate out")
     needs = {"deepspeed": strategy == "deepspeed", "wandb": bool(cfg.log.wandb.project),
              "tensorboard": cfg.log.tensorboard}
     for module, needed in needs.items():
@@ -218,6 +230,7 @@ def check_inputs(cfg: Config, world_size: int, origin: str, report_only: bool = 
         from .strategies.deepspeed import ds_config
 
         ds_config(cfg, plan, cuda=False)  # raises for what DeepSpeed cannot run
+    check_switches(cfg, recipe, plan, strategy)
     resume = resume_source(cfg.checkpoint, Path(cfg.run_dir), world_size, may_move=global_rank_zero() and not report_only)
     if resume is not None:
         check_resume_config(resume, cfg)
@@ -226,6 +239,28 @@ def check_inputs(cfg: Config, world_size: int, origin: str, report_only: bool = 
     say = (lambda m: print(m, file=sys.stderr)) if global_rank_zero() else None
     plan = batch_plan(cfg, world_size, train_length(cfg, train_set, say))  # a train set smaller than one global batch
     return Checked(recipe, plan, resume)
+
+
+def check_switches(cfg: Config, recipe, plan, strategy: str) -> None:
+    """The speed switches' combinations that cannot run, found before the workers (which check again)."""
+    import torch
+
+    from .data import resolve_pin_memory
+    from .optim import implementation
+    from .recipe import unwrap_lightning
+    from .strategies.base import check_checkpoint_units, default_shard_units, outermost
+    from .strategies.ddp import check_static_graph
+
+    if strategy == "ddp":
+        check_static_graph(cfg, plan)
+    resolve_pin_memory(cfg.data.pin_memory)
+    if cfg.optim.impl == "fused" and "optim" not in recipe.replaces():
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        implementation("fused", [torch.empty(0, device=device)])  # raises where torch has no fused kernel
+    if cfg.train.activation_checkpointing:
+        model = unwrap_lightning(recipe.check_model())
+        check_checkpoint_units(outermost([u for u in (recipe.shard_units or default_shard_units)(model)
+                                          if u is not model]))
 
 
 def report_replaced_sections(cfg: Config, recipe) -> None:

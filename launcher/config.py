@@ -22,95 +22,140 @@ class Section(BaseModel):
 
 
 class TrainConfig(Section):
-    global_batch_size: int = Field(64, gt=0)
-    micro_batch_size: Optional[int] = Field(None, gt=0)  # the most per device; default: global / world
-    epochs: int = Field(1, gt=0)
-    max_steps: Optional[int] = Field(None, gt=0)  # when set, it decides the length and epochs is ignored
-    grad_clip: Optional[float] = Field(None, gt=0)
-    seed: int = 0
-    log_every_steps: int = Field(10, gt=0)
-    eval_every_steps: Optional[int] = Field(None, gt=0)  # None: only at the end
-    eval_batch_size: Optional[int] = Field(None, gt=0)  # per device; default: micro batch
-    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf gradient stops the run, or the step is skipped
+    global_batch_size: int = Field(64, gt=0, description="samples per optimizer step, whatever the world size "
+                                   "(accumulation = global / (micro x processes))")
+    micro_batch_size: Optional[int] = Field(None, gt=0, description="the most samples one device holds in a "
+                                            "forward; null: global / processes")
+    epochs: int = Field(1, gt=0, description="passes over the training set (ignored when max_steps is set)")
+    max_steps: Optional[int] = Field(None, gt=0, description="optimizer steps to train; when set it decides the "
+                                     "length")
+    grad_clip: Optional[float] = Field(None, gt=0, description="clip the global gradient norm to this; null: no "
+                                       "clipping")
+    seed: int = Field(0, description="seeds the weights, the data order and every RNG")
+    log_every_steps: int = Field(10, gt=0, description="a metrics row every N steps: the only steps that wait for "
+                                 "the device")
+    eval_every_steps: Optional[int] = Field(None, gt=0, description="validate every N steps; null: only at the end "
+                                            "(always at the end)")
+    eval_batch_size: Optional[int] = Field(None, gt=0, description="validation batch per device; null: the micro "
+                                           "batch")
+    on_nonfinite: Literal["stop", "skip"] = Field("stop", description="a NaN/inf gradient stops the run (exit 1, "
+                                                  "last good checkpoint kept) or its step is skipped")
+    compile: bool = Field(False, description="torch.compile each shard unit (the whole model if it has none); not "
+                          "with deepspeed")
+    activation_checkpointing: bool = Field(False, description="recompute each shard unit's activations in backward: "
+                                           "less memory, more compute")
 
 
 class OptimConfig(Section):
-    name: Literal["sgd", "adam", "adamw"] = "adamw"
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    momentum: float = Field(0.9, ge=0)  # sgd only
-    betas: tuple[float, float] = (0.9, 0.999)  # adam / adamw
-    eps: float = Field(1e-8, gt=0)
+    name: Literal["sgd", "adam", "adamw"] = Field("adamw", description="the optimizer (a recipe's optimizer() "
+                                                  "replaces this section)")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate (after warmup)")
+    weight_decay: float = Field(0.0, ge=0, description="decoupled for adamw, L2 for sgd and adam")
+    momentum: float = Field(0.9, ge=0, description="sgd only")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="adam / adamw")
+    eps: float = Field(1e-8, gt=0, description="adam / adamw")
+    impl: Literal["auto", "foreach", "fused", "for_loop"] = Field(
+        "auto", description="auto: fused where torch has the kernel (a non-finite step is then skipped on the "
+        "device), else foreach")
 
 
 class ScheduleConfig(Section):
-    warmup_steps: int = Field(0, ge=0)
-    decay: Literal["constant", "linear", "cosine"] = "constant"
-    min_lr_ratio: float = Field(0.0, ge=0, le=1)  # floor of linear / cosine decay, as a fraction of lr
+    warmup_steps: int = Field(0, ge=0, description="linear warmup from lr / warmup_steps to lr")
+    decay: Literal["constant", "linear", "cosine"] = Field("constant", description="the shape after warmup, down "
+                                                           "to min_lr_ratio x lr at the last step")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="floor of linear / cosine decay, as a fraction of lr")
 
 
 class DataConfig(Section):
-    num_workers: int = Field(0, ge=0)
-    shuffle: bool = True
-    # The last len(train) % global_batch_size samples of each epoch's permutation:
-    # "drop" leaves them out (they differ every epoch), "wrap" fills the last step
-    # with samples from the start of the permutation so every sample is seen.
-    tail: Literal["drop", "wrap"] = "drop"
+    num_workers: int = Field(0, ge=0, description="loader processes (kept alive across epochs); the batches are "
+                             "the same for any number")
+    pin_memory: Literal["auto"] | bool = Field("auto", description="page-locked batches for asynchronous copies "
+                                               "to the GPU; auto: with CUDA")
+    prefetch_factor: Optional[int] = Field(None, gt=0, description="batches each worker loads ahead; null: "
+                                           "torch's 2")
+    shuffle: bool = Field(True, description="a new permutation each epoch, from (seed, epoch); streams keep their "
+                          "own order")
+    tail: Literal["drop", "wrap"] = Field("drop", description="the last len(train) % global_batch_size samples: "
+                                          "drop leaves them out, wrap fills the last step from the start")
 
 
 class CheckpointConfig(Section):
-    every_steps: Optional[int] = Field(None, gt=0)
-    keep_last: int = Field(3, gt=0)
-    resume: str = "auto"  # auto | never | a checkpoint directory
-    # refuse: resuming with a config that changes the training math is an error; allow: a warning
-    resume_changed: Literal["refuse", "allow"] = "refuse"
-    async_save: bool = Field(False, alias="async")
+    every_steps: Optional[int] = Field(None, gt=0, description="save every N steps; null: only at the end (and "
+                                       "on a stop signal)")
+    keep_last: int = Field(3, gt=0, description="checkpoints kept in RUN_DIR/checkpoints")
+    resume: str = Field("auto", description="auto: the latest in run_dir, if any; never; or a checkpoint directory")
+    resume_changed: Literal["refuse", "allow"] = Field("refuse", description="resuming under a config that "
+                                                       "changes the training math: an error, or a warning")
+    async_save: bool = Field(False, alias="async", description="write checkpoints in the background while training "
+                             "goes on (not with deepspeed)")
 
 
 class WandbConfig(Section):
-    project: Optional[str] = None  # None: W&B off
-    mode: Literal["online", "offline", "disabled"] = "offline"
-    name: Optional[str] = None
-    entity: Optional[str] = None
+    project: Optional[str] = Field(None, description="the W&B project; null: W&B off")
+    mode: Literal["online", "offline", "disabled"] = Field("offline", description="offline writes RUN_DIR/wandb "
+                                                           "(wandb sync uploads it); disabled: no W&B, no files")
+    name: Optional[str] = Field(None, description="the run's display name")
+    entity: Optional[str] = Field(None, description="the W&B team or user")
+    fatal: bool = Field(False, description="a W&B that cannot start ends the run (exit 1) instead of a warning")
 
 
 class LogConfig(Section):
     wandb: WandbConfig = WandbConfig()
-    tensorboard: bool = False
-    progress: Literal["auto", "bar", "lines"] = "auto"  # auto: a bar on a terminal, lines otherwise
+    tensorboard: bool = Field(False, description="event files in RUN_DIR/tb")
+    progress: Literal["auto", "bar", "lines"] = Field("auto", description="auto: a progress bar on a terminal, "
+                                                      "lines otherwise")
 
 
 class FSDPConfig(Section):
-    reshard_after_forward: bool = True
-    cpu_offload: bool = False
-    # False (default): gradients stay unsharded and unreduced across non-final
-    # micro-steps (one reduce-scatter per step, more memory); True: reduce-scatter
-    # every micro-step (less memory, more communication).
-    reduce_every_microstep: bool = False
+    replicate: int | Literal["nodes"] = Field(1, description="HSDP: replica groups; each shards over world / "
+                                              "replicate ranks. nodes: one group per node")
+    reshard_after_forward: bool = Field(True, description="free the gathered parameters after forward (ZeRO-3-"
+                                        "like); false keeps them until backward (ZeRO-2-like)")
+    cpu_offload: bool = Field(False, description="sharded parameters, gradients and optimizer state in host memory")
+    reduce_every_microstep: bool = Field(False, description="reduce-scatter every micro-step (less memory); "
+                                         "false: once a step, keeping whole gradients between")
+    forward_prefetch: int = Field(0, ge=0, description="all-gather the next N shard units early in forward; 0: "
+                                  "FSDP2's own order")
+    backward_prefetch: int = Field(1, ge=1, description="all-gather the previous N units early in backward; 1: "
+                                   "FSDP2's default")
+
+
+class DDPConfig(Section):
+    bucket_cap_mb: float = Field(25, gt=0, description="gradients all-reduced per bucket (torch's default)")
+    static_graph: bool = Field(False, description="the same parameters used every step: DDP skips per-step "
+                               "bookkeeping (not with accumulation)")
+    gradient_as_bucket_view: bool = Field(True, description="gradients live in the all-reduce buckets: one copy "
+                                          "less")
 
 
 class DeepSpeedConfig(Section):
-    zero_stage: int = Field(2, ge=0, le=3)
-    offload_optimizer: bool = False
-    offload_params: bool = False  # stage 3 only
-    config: Optional[str] = None  # a DeepSpeed JSON merged over the generated config
+    zero_stage: int = Field(2, ge=0, le=3, description="ZeRO: 1 shards optimizer state, 2 also gradients, 3 also "
+                            "parameters")
+    offload_optimizer: bool = Field(False, description="optimizer state and step on the host")
+    offload_params: bool = Field(False, description="parameters on the host (stage 3 only)")
+    config: Optional[str] = Field(None, description="a DeepSpeed JSON merged over the generated config")
 
 
 class DistConfig(Section):
-    timeout_s: float = Field(600, gt=0)  # process-group timeout: how long a collective may wait
+    timeout_s: float = Field(600, gt=0, description="a rank with no progress for this long ends the job, naming "
+                             "where it was")
 
 
 class Config(Section):
-    recipe: dict[str, Any]
-    run_dir: str = "runs/default"
-    strategy: Literal["auto", "single", "ddp", "fsdp", "deepspeed"] = "auto"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    recipe: dict[str, Any] = Field(description="name: a dotted module or a .py path; the other keys fill the "
+                                   "recipe's Config")
+    run_dir: str = Field("runs/default", description="everything the run writes: config, metrics, checkpoints")
+    strategy: Literal["auto", "single", "ddp", "fsdp", "deepspeed"] = Field(
+        "auto", description="auto: single for one process, else ddp")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="bf16: autocast; fp16: autocast and "
+                                                       "a gradient scaler")
     train: TrainConfig = TrainConfig()
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     data: DataConfig = DataConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
+    ddp: DDPConfig = DDPConfig()
     fsdp: FSDPConfig = FSDPConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     dist: DistConfig = DistConfig()
@@ -298,6 +343,7 @@ def dump_config(cfg: Config, path: Path) -> None:
 # may change on resume, with a note.
 MATH_KEYS = ("recipe.", "precision", "train.global_batch_size", "train.seed", "train.grad_clip",
              "train.on_nonfinite", "optim.", "schedule.", "data.shuffle", "data.tail")
+ROUNDING_ONLY = ("optim.impl",)  # the same update, computed by another kernel
 NOT_COMPARED = ("run_dir", "checkpoint.resume", "checkpoint.resume_changed")
 
 
@@ -319,5 +365,5 @@ def config_changes(saved: dict, cfg: Config) -> tuple[list[str], list[str]]:
         if key in NOT_COMPARED or old.get(key) == new.get(key):
             continue
         line = f"{key}: {old.get(key, '(unset)')!r} -> {new.get(key, '(unset)')!r}"
-        (math if key.startswith(MATH_KEYS) else other).append(line)
+        (math if key.startswith(MATH_KEYS) and not key.startswith(ROUNDING_ONLY) else other).append(line)
     return math, other

@@ -334,6 +334,17 @@ CASES = [
     Case("nnodes-without-rdzv-endpoint", lambda c: ["run", c.config(), "--nproc", 2, "--nnodes", 2],
          ("--nnodes 2", "--rdzv-endpoint")),
     # ------------------------------------------------------------ optional dependencies and backends
+    # ------------------------------------------------------------ speed switches that cannot run
+    Case("ddp-static-graph-with-accumulation", nproc2("strategy=ddp", "ddp.static_graph=true",
+                                                      "train.micro_batch_size=16"),
+         ("ddp.static_graph", "accumulation", "ddp.static_graph=false"), once="cannot be combined"),
+    Case("pin-memory-without-cuda", nproc2("data.pin_memory=true"), ("data.pin_memory=true", "CUDA", "auto")),
+    Case("activation-checkpointing-without-units", nproc2("train.activation_checkpointing=true"),
+         ("train.activation_checkpointing", "shard_units", "false"), once="needs shard units"),
+    Case("deepspeed-compile", nproc2("strategy=deepspeed", "train.compile=true"),
+         ("train.compile", "deepspeed", "train.compile=false"), once="is not supported"),
+    Case("fsdp-replicate-not-a-divisor", nproc2("strategy=fsdp", "fsdp.replicate=3"),
+         ("fsdp.replicate=3", "world size 2", "1, 2, or nodes")),
     Case("deepspeed-not-installed", hidden("deepspeed", "strategy=deepspeed"), ("pip install 'launcher[deepspeed]'",)),
     Case("wandb-not-installed", hidden("wandb", "log.wandb.project=demo"), ("pip install 'launcher[wandb]'",)),
     Case("tensorboard-not-installed", hidden("tensorboard", "log.tensorboard=true"),
