@@ -38,6 +38,7 @@ from .optim import Schedule, build_optimizer, build_scheduler
 from .precision import Precision
 from .recipe import Recipe
 from .strategies import resolve_name, strategy_class
+from .strategies.base import nonfinite
 from .watchdog import Watchdog
 
 
@@ -49,6 +50,11 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def fp32(t: torch.Tensor) -> torch.Tensor:
+    """The loss in fp32 (autocast may give bf16); an fp32 one as it is, without a dispatch."""
+    return t if t.dtype is torch.float32 else t.float()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -96,7 +102,7 @@ def describe_batch(cfg: Config, plan: data_mod.BatchPlan) -> str:
 class StepOutput:
     loss_num: torch.Tensor  # this rank's loss numerator for the logged loss (on the device)
     loss_den: torch.Tensor
-    grad_norm: torch.Tensor  # on the device: read only when a row is logged
+    grad_norm: torch.Tensor | None  # on the device: read only when a row is logged (None when not computed)
     lr: float  # the rate this step used (the schedule moves on after it)
 
 
@@ -104,16 +110,31 @@ class Window:
     """What the steps since the last logged row add up to, kept on the device until it is logged."""
 
     def __init__(self):
-        self.losses: list[torch.Tensor] = []
-        self.start = time.perf_counter()
+        self.nums: list[torch.Tensor] = []  # each step's loss numerator and denominator, on the device
+        self.dens: list[torch.Tensor] = []
+        self.start = self.started = time.perf_counter()
         self.data_wait = 0.0  # seconds the loop waited for the data loader
+        self.untimed = 0  # a compiling first step: in the loss, not in the rates (when others follow)
 
     def add(self, out: StepOutput) -> None:
-        self.losses.append(torch.stack([out.loss_num, out.loss_den]))
+        self.nums.append(out.loss_num)
+        self.dens.append(out.loss_den)
+
+    def sums(self) -> torch.Tensor:
+        return torch.stack([torch.stack(self.nums).sum(), torch.stack(self.dens).sum()])
 
     @property
     def steps(self) -> int:
-        return len(self.losses)
+        return len(self.nums)
+
+    def timing(self, now: float) -> tuple[int, float]:
+        """(steps, seconds) to measure rates over."""
+        if self.untimed and self.steps > self.untimed:
+            return self.steps - self.untimed, now - self.start
+        return self.steps, now - self.started
+
+    def leave_out_of_timing(self) -> None:
+        self.untimed, self.started, self.start, self.data_wait = self.steps, self.start, time.perf_counter(), 0.0
 
 
 class Trainer:
@@ -133,7 +154,7 @@ class Trainer:
             cfg.data.prefetch_factor,
         ) if stream_mod.is_stream(train_set) else data_mod.train_loader(
             train_set, self.plan, env.rank, t.seed, cfg.data.shuffle, cfg.data.num_workers,
-            self.recipe.collate, pin_memory=device.type == "cuda",
+            self.recipe.collate, pin_memory=cfg.data.pin_memory, prefetch_factor=cfg.data.prefetch_factor,
         )
 
         # Same seed on every rank right before building: identical initial weights.
@@ -152,9 +173,10 @@ class Trainer:
         self.recipe_schedule = None
         self.strategy.setup(model, self.make_optimizer)
         # A LightningModule without a scheduler trains at a constant rate, as under Lightning.
+        rates = ScheduleConfig() if self.lightning else cfg.schedule
         self.schedule = (self.recipe_schedule or self.recipe.schedule(self.strategy.optimizer, self.total_steps)
-                         or Schedule(build_scheduler(ScheduleConfig() if self.lightning else cfg.schedule,
-                                                     self.strategy.optimizer, self.total_steps)))
+                         or Schedule(build_scheduler(rates, self.strategy.optimizer, self.total_steps),
+                                     constant=rates.decay == "constant" and not rates.warmup_steps))
 
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint, env.rank)
         self.skipped_steps = 0
@@ -174,7 +196,14 @@ class Trainer:
         # read only at the next row, evaluation or checkpoint. Other optimizers, DeepSpeed and the
         # fp16 scaler need the flag on the host before their step: one host sync a step.
         self.skip_on_device = self.strategy.skips_on_device and self.precision.scaler is None
-        self.unread_flags: list[tuple[int, torch.Tensor]] = []  # (step, non-finite) not yet read
+        # One flag a step since they were last read (at most log_every_steps steps): 1.0 where the
+        # step was skipped on the device for a non-finite gradient.
+        self.flags = torch.zeros(cfg.train.log_every_steps, device=device)
+        self.flag_views = list(self.flags)  # one scalar view a step, made once
+        self.flag_steps: list[int] = []  # the steps those flags belong to
+        self.one = torch.ones((), device=device)  # a mean loss's denominator, every step
+        self.on_cpu = device.type == "cpu"
+        self.accumulation, self.steps_per_epoch = self.plan.accumulation, self.plan.steps_per_epoch
         self.watchdog = Watchdog(cfg.dist.timeout_s, env.rank, env.world_size, rendezvous())
 
     def make_optimizer(self, model):
@@ -229,19 +258,25 @@ class Trainer:
                 batches, steps = iter(self.loader), range(start, plan.steps_per_epoch)
             self.hook("on_train_epoch_start")
             for _ in steps:
+                compiling = first_step and cfg.compile
+                if compiling:
+                    self.watchdog.suspend(True)  # a large model may compile for longer than dist.timeout_s
                 out = self.train_step(batches, window)
                 self.step += 1
+                window.add(out)
                 if first_step:
                     first_step = False
                     if self.env.is_main:  # what start-up costs: imports, set-up, a compile's first trace
-                        print(f"first step done {time.time() - STARTED_AT:.1f} s after start", file=sys.stderr,
-                              flush=True)
-                window.add(out)
+                        print(f"first step done {time.time() - STARTED_AT:.1f} s after start"
+                              + (" (torch.compile included)" if compiling else ""), file=sys.stderr, flush=True)
+                    if compiling:  # keep the compile out of the first row's rates
+                        self.watchdog.suspend(False)
+                        window.leave_out_of_timing()
                 self.loggers.advance()
                 # A stop signal is read at every row (summed over the ranks: every rank stops
                 # together); one process reads its own flag every step, at no cost.
                 stop = self.stop_requested if self.env.world_size == 1 else False
-                if self.step % cfg.log_every_steps == 0 or self.step == self.total_steps:
+                if self.logs_after(self.step):
                     self.watchdog.beat(self.step, 0, "logging")
                     stop = self.log_train(epoch, window, out, time.perf_counter() - t0)
                     window = Window()
@@ -262,14 +297,16 @@ class Trainer:
     def train_step(self, batches, window: Window) -> StepOutput:
         """One optimizer step over the next A micro-batches of `batches`, loaded one at a time.
         Nothing here waits for the device unless the optimizer cannot skip a step on it."""
-        strategy, A, beat = self.strategy, self.plan.accumulation, self.watchdog.beat
+        strategy, A, beat = self.strategy, self.accumulation, self.watchdog.beat
         nums, dens = [], []
         pair = None
-        first = (self.step % self.plan.steps_per_epoch) * A  # Lightning's batch_idx: micro-batches this epoch
+        first = (self.step % self.steps_per_epoch) * A  # Lightning's batch_idx: micro-batches this epoch
         for j in range(A):
             beat(self.step, j, "data")
             waited = time.perf_counter()
-            batch = data_mod.to_device(next(batches), self.device)
+            batch = next(batches)
+            if not self.on_cpu:  # on the CPU the loader's tensors are already where they go
+                batch = data_mod.to_device(batch, self.device)
             window.data_wait += time.perf_counter() - waited
             self.hook("on_train_batch_start", batch, first + j)
             with contextlib.nullcontext() if j == A - 1 else strategy.no_sync():
@@ -282,12 +319,14 @@ class Trainer:
                 self.hook("on_before_backward", out)
                 if pair:
                     total, count = out
-                    strategy.backward(total.float())
-                    nums.append(total.detach().float())
+                    total = fp32(total)
+                    strategy.backward(total)
+                    nums.append(total.detach())
                     dens.append(count)
                 else:
-                    strategy.backward(out.float() / A if A > 1 else out.float())
-                    nums.append(out.detach().float())
+                    out = fp32(out)
+                    strategy.backward(out / A if A > 1 else out)
+                    nums.append(out.detach())
                 self.hook("on_after_backward")
             self.hook("on_train_batch_end", out, batch, first + j)
         beat(self.step, A - 1, "optimizer")
@@ -301,16 +340,25 @@ class Trainer:
             strategy.scale_grads(self.env.world_size / totals[1])
         else:
             num = num / A if A > 1 else num
-            den = torch.ones((), device=self.device)
-        grad_norm = strategy.clip_grad_norm(self.cfg.train.grad_clip)
+            den = self.one
         lr = strategy.optimizer.param_groups[0]["lr"]
         if self.skip_on_device:
-            nonfinite = ~torch.isfinite(grad_norm)
-            self.unread_flags.append((self.step + 1, nonfinite))
+            # The norm only where it is used (clipping, a row): a finite check is cheaper.
+            grad_norm = None
+            if len(self.flag_steps) == len(self.flag_views):
+                self.read_flags()  # a full buffer (reads come at least every log_every_steps anyway)
+            found_inf = self.flag_views[len(self.flag_steps)]
+            self.flag_steps.append(self.step + 1)
+            if self.cfg.train.grad_clip or self.logs_after(self.step + 1):
+                grad_norm = strategy.clip_grad_norm(self.cfg.train.grad_clip)
+                found_inf.copy_(nonfinite(grad_norm))
+            else:
+                strategy.flag_nonfinite(found_inf)
             self.hook("on_before_zero_grad", strategy.optimizer)
-            strategy.step(found_inf=nonfinite)
-            self.schedule.after_step(True, self.step + 1, self.plan.steps_per_epoch)
+            strategy.step(found_inf=found_inf)
+            self.schedule.after_step(True, self.step + 1, self.steps_per_epoch)
             return StepOutput(num, den, grad_norm, lr)
+        grad_norm = strategy.clip_grad_norm(self.cfg.train.grad_clip)
         # fp16 overflows are the loss scaler's (torch's or DeepSpeed's) to skip; otherwise a
         # non-finite norm is a real problem.
         if self.precision.name != "fp16" and not torch.isfinite(grad_norm).item():
@@ -326,14 +374,18 @@ class Trainer:
             self.skipped_steps += 1  # fp16 overflow: the scaler skipped it; a per-step schedule waits
         return StepOutput(num, den, grad_norm, lr)
 
+    def logs_after(self, step: int) -> bool:
+        return step % self.cfg.train.log_every_steps == 0 or step == self.total_steps
+
     def read_flags(self) -> None:
         """Count the steps the optimizer skipped on the device since the last read; with
         train.on_nonfinite=stop, stop naming them. Called before every row, evaluation and save."""
-        if not self.unread_flags:
+        if not self.flag_steps:
             return
-        steps = [step for step, _ in self.unread_flags]
-        flags = torch.stack([flag for _, flag in self.unread_flags]).tolist()
-        self.unread_flags = []
+        steps, read = self.flag_steps, self.flags[: len(self.flag_steps)]
+        flags = read.tolist()
+        read.zero_()
+        self.flag_steps = []
         bad = [step for step, flag in zip(steps, flags) if flag]
         self.skipped_steps += len(bad)
         if bad and self.cfg.train.on_nonfinite == "stop":
@@ -368,17 +420,16 @@ class Trainer:
         """Log the window's row: the one host sync of the steps it covers. Returns whether a stop
         signal reached any rank (summed with the loss: one all-reduce)."""
         self.read_flags()
-        sums = torch.stack(window.losses).sum(0)
+        sums = window.sums()
         stop = torch.tensor([float(self.stop_requested)], device=self.device)
         num, den, stopping = all_reduce_sum(torch.cat([sums, stop])).tolist()
-        seconds = time.perf_counter() - window.start
-        world, steps = self.env.world_size, window.steps
+        world, (steps, seconds) = self.env.world_size, window.timing(time.perf_counter())
         # A mean loss contributes one local mean per step and rank; a pair, its totals and counts.
         loss = num / den if den else float("nan")
         samples_per_s = steps * self.plan.global_batch / max(seconds, 1e-9)
         row = {
             "step": self.step, "epoch": epoch, "loss": loss,
-            "lr": last.lr, "grad_norm": last.grad_norm.item(),
+            "lr": last.lr, "grad_norm": last.grad_norm.item() if last.grad_norm is not None else float("nan"),
             "step_time": seconds / steps, "data_wait": min(1.0, window.data_wait / max(seconds, 1e-9)),
             "samples_per_s": samples_per_s, "time": round(elapsed, 3),
         }
