@@ -222,6 +222,7 @@ class Trainer:
                   file=sys.stderr, flush=True)
         previous = self.install_signal_handlers()
         bad_input = False
+        self.watchdog.start()
         try:
             self.hook("on_fit_start")
             self.hook("on_train_start")

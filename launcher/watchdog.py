@@ -39,6 +39,11 @@ class Watchdog:
         self._done = threading.Event()
         self._main = threading.main_thread().ident
         self._thread = threading.Thread(target=self._watch, name="launcher-watchdog", daemon=True)
+
+    def start(self) -> None:
+        """Watch from now on (Trainer.fit). A Trainer driven piece by piece, as tests and benchmarks
+        do, is never watched: nothing would end a process that merely stopped calling it."""
+        self.last_beat = time.monotonic()
         self._thread.start()
 
     def beat(self, step: int, micro: int, phase: str) -> None:
