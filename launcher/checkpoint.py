@@ -240,14 +240,16 @@ class Checkpointer:
     def __init__(self, run_dir: Path, cfg, rank: int):
         self.dir = run_dir / "checkpoints"
         self.cfg, self.rank = cfg, rank
-        self.pending = None  # an async save in flight: (future, finalize)
+        self.pending = None  # an async save in flight: (upload future, finalize, step, tmp)
+        self.staging = None  # its copy of the state, while still in progress in the background
         self.last_saved_step: int | None = None
 
     # ------------------------------------------------------------ save
 
-    def save(self, step: int, strategy, meta: dict, extra: dict | None = None) -> None:
-        """Every rank calls this at the same step. Returns once this rank's part is
-        written (sync) or staged (async)."""
+    def save(self, step: int, strategy, meta: dict, extra: dict | None = None, overlap: bool = True) -> None:
+        """Every rank calls this at the same step. Returns once this rank's part is written (sync);
+        for an async save, once the copy of the state has started (overlap: wait_staged() before the
+        state changes) or completed (not overlap)."""
         self.wait()  # one save in flight at a time
         if step == self.last_saved_step:  # e.g. the end, right after an every_steps save
             return
@@ -263,7 +265,7 @@ class Checkpointer:
             torch.save(rng_state(), tmp / f"rng_{self.rank}.pt")
             if extra and self.rank == 0:  # a LightningModule's own additions (on_save_checkpoint)
                 torch.save(extra, tmp / "module_extra.pt")
-            future = strategy.save_checkpoint(tmp, async_save=self.cfg.async_save)
+            result = strategy.save_checkpoint(tmp, async_save=self.cfg.async_save)
 
         def finalize() -> None:
             # Rank 0 publishes only after every rank has written its part: for sync
@@ -278,12 +280,16 @@ class Checkpointer:
             write_atomic(self.dir / "latest", final.name)
             self.prune()
 
-        if future is None:
+        if result is None:
             barrier()
             finalize()
             barrier()  # nobody reads `latest` or prunes before rank 0 published
-        else:
-            self.pending = (future, finalize, step, tmp)
+            return
+        # DCP's response where staging runs in the background, else the upload's future alone.
+        self.staging = getattr(result, "staging_completion", None)
+        self.pending = (getattr(result, "upload_completion", result), finalize, step, tmp)
+        if not overlap:
+            self.wait_staged()
 
     @contextlib.contextmanager
     def failure_reported(self, step: int, tmp: Path):
@@ -304,8 +310,19 @@ class Checkpointer:
                 "checkpoints/latest are untouched. Free space on that disk (or set run_dir elsewhere), then run the "
                 "same command to resume") from e
 
+    def wait_staged(self) -> None:
+        """Called before the weights or the optimizer state change (the optimizer step): an async
+        save's copy of them must be complete, so that it holds its own step's state."""
+        if self.staging is None:
+            return
+        staging, self.staging = self.staging, None
+        _, _, step, tmp = self.pending
+        with self.failure_reported(step, tmp):
+            staging.result()
+
     def wait(self) -> None:
         """Finish an async save in flight (before the next save, and at exit)."""
+        self.staging = None  # the upload begins where the copy ends: its end covers both
         if self.pending is None:
             return
         future, finalize, step, tmp = self.pending

@@ -331,6 +331,7 @@ class Trainer:
                 self.hook("on_after_backward")
             self.hook("on_train_batch_end", out, batch, first + j)
         beat(self.step, A - 1, "optimizer")
+        self.checkpointer.wait_staged()  # an async save's background copy must not see this step's update
         self.hook("on_before_optimizer_step", strategy.optimizer)
         num = nums[0] if A == 1 else torch.stack(nums).sum()
         if pair:
@@ -526,7 +527,9 @@ class Trainer:
         self.hook("on_save_checkpoint", extra)
         self.watchdog.suspend(True)
         try:
-            self.checkpointer.save(self.step, strategy, meta, extra)
+            # A LightningModule's hooks run before the next optimizer step and may change the
+            # weights: its async save finishes copying them here.
+            self.checkpointer.save(self.step, strategy, meta, extra, overlap=self.lightning is None)
         finally:
             self.watchdog.suspend(False)
 

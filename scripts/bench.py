@@ -571,13 +571,14 @@ def checkpoint_times(args) -> None:
     import torch.distributed.checkpoint  # noqa: F401  (its import is not part of the first save)
 
     device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rounds = args.rounds or 3
     w = Workload(CKPT_RECIPE, 2, {"name": "adamw", "lr": 1e-4, "impl": args.optim_impl}, warmup=0, steps=2, block=1)
-    keys = ("save1", "save2", "wait2", "load")
+    keys = ("block1", "block2", "staged1", "staged2", "extra1", "extra2", "done2", "load")
     found = {mode: {k: [] for k in keys} for mode in ("sync", "async")}
     size = params = None
-    print(f"== checkpoint: recipes.gpt {CKPT_RECIPE}, AdamW; a step, a save, a step, a save, then a load; "
-          f"{rounds} rounds", flush=True)
+    print(f"== checkpoint: recipes.gpt {CKPT_RECIPE}, AdamW; two steps, then twice (a save, a step, the rest of "
+          f"the save, a step), then a load; {rounds} rounds", flush=True)
     for r in range(rounds):
         for mode in ("sync", "async"):  # interleaved
             gc.collect()
@@ -586,35 +587,69 @@ def checkpoint_times(args) -> None:
                     # keep_last 3: no pruning of the first checkpoint inside the second save
                     trainer = Trainer(launcher_config(w, run_dir, 1, **{"async": mode == "async", "keep_last": 3}),
                                       DistEnv("single"), device)
-                    got = {}
-                    for step in (1, 2):  # the first save of a run, and one later (what a run pays every time)
-                        trainer.total_steps = step
-                        trainer.train_loop()  # a step first: the optimizer state exists, as at any real save
+                    ckpt, got, waited = trainer.checkpointer, {}, [0.0]
+                    staged = getattr(ckpt, "wait_staged", None)  # where a save stages in the background
+
+                    def timed_wait_staged():
                         start = clock()
-                        trainer.save()  # returns once written (sync) or staged (async)
+                        staged()
+                        waited[0] += clock() - start
+
+                    if staged is not None:
+                        ckpt.wait_staged = timed_wait_staged
+
+                    def step(n: int) -> float:
+                        sync()
+                        trainer.total_steps = n
+                        start = clock()
+                        trainer.train_loop()
+                        sync()
+                        return clock() - start
+
+                    step(1)  # the optimizer state exists from here, as at any real save
+                    plain = step(2)
+                    for k, n in ((1, 3), (2, 5)):  # the first save of a run, and one later (what a run pays every time)
+                        done = []
+                        start = clock()
+                        trainer.save()  # returns once written (sync), or staging has started or ended (async)
                         saved = clock()
-                        trainer.checkpointer.wait()  # the rest of an async save; nothing for a sync one
-                        got[f"save{step}"], got[f"wait{step}"] = saved - start, clock() - saved
-                    path = latest_checkpoint(trainer.checkpointer.dir)
+                        if ckpt.pending is not None:
+                            ckpt.pending[0].add_done_callback(lambda f: done.append(clock()))
+                        waited[0] = 0.0
+                        took = step(n)  # the next step waits for the staging copy before its optimizer step
+                        ckpt.wait()  # the rest of an async save; nothing for a sync one
+                        step(n + 1)  # a run trains on between saves (what the allocator then gives back counts)
+                        got[f"staged{k}"] = waited[0]
+                        got[f"block{k}"] = saved - start + waited[0]
+                        got[f"extra{k}"] = took - plain  # what the save costs the next step (waits, contention)
+                        got[f"done{k}"] = (done[0] if done else saved) - start
+                    path = latest_checkpoint(ckpt.dir)
                     start = clock()
-                    trainer.checkpointer.load(path, trainer.strategy)  # what a resume reads
+                    ckpt.load(path, trainer.strategy)  # what a resume reads
                     got["load"] = clock() - start
                     if params is None:
                         params = sum(p.numel() for p in trainer.strategy.model.parameters())
                         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
                     trainer.fit()  # nothing left to train: closes its threads and files
+                    trainer.strategy.close()
             for key in keys:
                 found[mode][key].append(got[key])
-            print(f"  round {r + 1} {mode:5s}: save() blocks {got['save1']:6.3f} s (first), {got['save2']:6.3f} s "
-                  f"(second), then wait() {got['wait2']:6.3f} s; load {got['load']:6.3f} s", flush=True)
+            print(f"  round {r + 1} {mode:5s}: blocks {got['block1']:6.3f} s (first save; staging wait "
+                  f"{got['staged1']:.3f}), {got['block2']:6.3f} s (second; {got['staged2']:.3f}); next step "
+                  f"{got['extra1']:+.3f} / {got['extra2']:+.3f} s; written after {got['done2']:6.3f} s; "
+                  f"load {got['load']:6.3f} s", flush=True)
     med = {mode: {k: statistics.median(v) for k, v in d.items()} for mode, d in found.items()}
     print(f"\n  {params / 1e6:.1f}M parameters, {size / 1e9:.2f} GB a checkpoint (files on disk)")
-    print(f"  {'':6s} {'save() blocks, 1st':>18s} {'2nd':>6s} {'then wait()':>11s} {'load':>6s}   (median s)")
+    print(f"  {'':6s} {'blocks, 1st':>11s} {'2nd':>6s} {'next step +, 1st':>16s} {'2nd':>6s} {'written after':>13s} "
+          f"{'load':>6s}   (median s)")
     for mode in ("sync", "async"):
         m = med[mode]
-        print(f"  {mode:6s} {m['save1']:18.3f} {m['save2']:6.3f} {m['wait2']:11.3f} {m['load']:6.3f}")
-    print(f"  async save blocks {med['async']['save1'] / med['sync']['save1']:.3f} x the sync save (first save), "
-          f"{med['async']['save2'] / med['sync']['save2']:.3f} x (second)", flush=True)
+        print(f"  {mode:6s} {m['block1']:11.3f} {m['block2']:6.3f} {m['extra1']:16.3f} {m['extra2']:6.3f} "
+              f"{m['done2']:13.3f} {m['load']:6.3f}")
+    print(f"  an async save blocks {med['async']['block1'] / med['sync']['block1']:.3f} x the sync save (first save), "
+          f"{med['async']['block2'] / med['sync']['block2']:.3f} x (second)", flush=True)
+    print("  (blocks: save() plus the next step's wait for the staging copy; next step +: that step's time over "
+          "a plain step's, waits and contention; written after: from save() to the files written)")
 
 
 # ---------------------------------------------------------------- main

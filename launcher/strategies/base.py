@@ -35,6 +35,7 @@ class Strategy:
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self._checkpoint_group = None
+        self._stager = None  # async saves' staging, kept between saves
         self._params: list[torch.Tensor] | None = None
         self._one: torch.Tensor | None = None
 
@@ -155,7 +156,11 @@ class Strategy:
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     def save_checkpoint(self, path, async_save: bool = False):
-        """Each rank writes its part under `path`. Returns a future for an async save, else None."""
+        """Each rank writes its part under `path`. Returns None for a sync save. For an async one, what
+        dcp.async_save returns: where the copy of the state runs in the background (CUDA), a response
+        with `staging_completion` (copied: the state may change again; until then the weights and
+        the optimizer state must not change) and `upload_completion` (written); else the upload's
+        future. One async save at a time: the next one refills the same host buffers."""
         import torch.distributed.checkpoint as dcp
 
         state = self.state_dict()
@@ -167,7 +172,27 @@ class Strategy:
         # with the training loop's on the default group.
         if self._checkpoint_group is None and torch.distributed.is_initialized():
             self._checkpoint_group = torch.distributed.new_group(backend="gloo")
-        return dcp.async_save(state, checkpoint_id=str(path), process_group=self._checkpoint_group)
+        if self.device.type == "cuda":
+            # DCP copies on a side stream that does not wait for this one: the last update must have
+            # landed (usually free: the trainer has just read the step flags).
+            torch.cuda.current_stream(self.device).synchronize()
+        response = dcp.async_save(state, checkpoint_id=str(path), process_group=self._checkpoint_group,
+                                  async_stager=self.stager())
+        staging = getattr(response, "staging_completion", None)  # None: staged before async_save returned
+        if staging is not None and not only_parameters(state["model"], self.model):
+            # Buffers may change in the next forward (BatchNorm's statistics, DDP's broadcast), before
+            # the optimizer step the trainer waits at: finish the copy now.
+            staging.result()
+        return response
+
+    def stager(self):
+        """One stager for the run: it allocates host copies of the state at the first async save and
+        refills them in place at the next ones."""
+        if self._stager is None:
+            from torch.distributed.checkpoint.staging import DefaultStager
+
+            self._stager = DefaultStager(staging_options(self.device))
+        return self._stager
 
     def load_checkpoint(self, path) -> None:
         import torch.distributed.checkpoint as dcp
@@ -179,6 +204,9 @@ class Strategy:
 
     def close(self) -> None:
         """Release what the strategy holds before the process group goes (DeepSpeed's engine)."""
+        if self._stager is not None:  # its thread and host buffers
+            self._stager.close()
+            self._stager = None
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full, unsharded weights on CPU (a collective; meaningful on rank 0)."""
@@ -192,6 +220,26 @@ class Strategy:
         optim = sum(local_tensor(v).numel() for s in self.optimizer.state.values()
                     for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
         return {"params": params, "optim": optim}
+
+
+def staging_options(device: torch.device):
+    """With CUDA: page-locked host buffers, filled by non-blocking copies on a side stream in a
+    background thread while the next forward and backward run. On the CPU, staging blocks: DCP's
+    storage copy holds the GIL, so a background copy would stall the loop as long (measured), and
+    there is nothing to page-lock for."""
+    from torch.distributed.checkpoint.staging import StagingOptions
+
+    cuda = device.type == "cuda"
+    return StagingOptions(use_pinned_memory=cuda, use_shared_memory=False, use_async_staging=cuda,
+                          use_non_blocking_copy=cuda)
+
+
+def only_parameters(model_state: dict, model: nn.Module) -> bool:
+    """Does the model's state dict hold parameters alone (by storage)? Those change only at the
+    optimizer step."""
+    held = {local_tensor(p).untyped_storage().data_ptr() for p in model.parameters()}
+    return all(torch.is_tensor(v) and local_tensor(v).untyped_storage().data_ptr() in held
+               for v in model_state.values())
 
 
 def nonfinite(norm: torch.Tensor) -> torch.Tensor:
