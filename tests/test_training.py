@@ -136,7 +136,7 @@ def test_parity_with_a_hand_written_loop(tmp_path):
     train_set, _ = digits.data(recipe_cfg)
     torch.manual_seed(0)
     model = digits.model(recipe_cfg)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, fused=True)  # optim.impl=auto picks fused
     x_all, y_all = train_set.tensors
     step, epoch, per_epoch = 0, 0, len(train_set) // batch
     while step < steps:
