@@ -204,6 +204,7 @@ class Trainer:
         self.one = torch.ones((), device=device)  # a mean loss's denominator, every step
         self.on_cpu = device.type == "cpu"
         self.accumulation, self.steps_per_epoch = self.plan.accumulation, self.plan.steps_per_epoch
+        self.whole_step_local = self.strategy.name == "single" and self.accumulation == 1
         self.watchdog = Watchdog(cfg.dist.timeout_s, env.rank, env.world_size, rendezvous())
 
     def make_optimizer(self, model):
@@ -321,7 +322,9 @@ class Trainer:
                 if pair:
                     total, count = out
                     total = fp32(total)
-                    strategy.backward(total)
+                    # One micro-batch on one process: its count is the step's, so divide before the
+                    # backward rather than pass over every gradient after it (the same math).
+                    strategy.backward(total / count if self.whole_step_local else total)
                     nums.append(total.detach())
                     dens.append(count)
                 else:
@@ -338,8 +341,9 @@ class Trainer:
             den = torch.as_tensor(dens[0] if A == 1 else torch.stack([torch.as_tensor(d) for d in dens]).sum(),
                                   device=self.device, dtype=torch.float32)
             # The one all-reduce a step needs for token losses: the global count.
-            totals = all_reduce_sum(torch.stack([num, den]))
-            strategy.scale_grads(self.env.world_size / totals[1])
+            if not self.whole_step_local:
+                totals = all_reduce_sum(torch.stack([num, den]))
+                strategy.scale_grads(self.env.world_size / totals[1])
         else:
             num = num / A if A > 1 else num
             den = self.one
