@@ -45,8 +45,9 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="{run,plan,ls,export,slurm,plot,new}")
 
-    run = sub.add_parser("run", help="train a config", description="Train CONFIG with optional key=value overrides.\nEvery config key, its type, default and "
-                         "meaning: the config reference in README.md\n(generated from launcher/config.py).",
+    run = sub.add_parser("run", help="train a config",
+                         description="Train CONFIG with optional key=value overrides.\nEvery config key, its type, "
+                         "default and meaning: the config reference in README.md\n(generated from launcher/config.py).",
                          epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(run)
     run.add_argument("--nproc", type=int, default=None, help="spawn this many local workers (torch.distributed.run)")
@@ -92,7 +93,7 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     from .new import add_arguments as add_new_arguments
 
     new = sub.add_parser("new", help="write a new recipe NAME.py and its config NAME.yaml that train as written",
-                         description="Write NAME.py (a commented recipe: Config, model, data, loss, metrics) and "
+                         description="Write NAME.py (a commented recipe: Config, model, data, loss, eval_step) and "
                          "NAME.yaml beside it; `launcher run NAME.yaml` trains it. Refuses to overwrite.")
     add_new_arguments(new)
     return p, sub.choices
