@@ -246,6 +246,7 @@ def test_replica_groups():
         replica_groups("nodes", 6, 4)
 
 
+@pytest.mark.slow  # an end-to-end run: the full suite
 def test_bad_replicate_exits_2_before_any_worker(tmp_path):
     cases = [(["strategy=fsdp", "fsdp.replicate=3"], "fsdp.replicate=3 must divide the world size 4 (replica "
               "groups of equal size): use one of 1, 2, 4, or nodes"),

@@ -296,6 +296,7 @@ def test_disabled_wandb_is_not_even_imported(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow  # an end-to-end run: the full suite
 def test_tensorboard_has_the_metrics_and_disabled_wandb_writes_nothing(tmp_path):
     log = {**WANDB_OFFLINE, "wandb": {"project": "launcher-tests", "mode": "disabled"}}
     cfg = write_config(tmp_path / "c.yaml", digits_config(tmp_path / "run", log=log, train={"eval_every_steps": 10}))
@@ -314,7 +315,8 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("fatal", [False, pytest.param(True, marks=pytest.mark.slow)])
+@pytest.mark.slow  # online against a closed port: seconds of wandb retries
+@pytest.mark.parametrize("fatal", [False, True])
 def test_wandb_that_cannot_reach_its_server(tmp_path, fatal):
     """Online, with the server's port closed: one warning and a complete run, or (fatal) exit 1."""
     log = {"wandb": {"project": "launcher-tests", "mode": "online", "fatal": fatal}, "progress": "lines"}

@@ -51,6 +51,7 @@ def train_row(step: int, **extra) -> dict:
             "time": 0.1 * step, **extra}
 
 
+@pytest.mark.slow  # an end-to-end run: the full suite
 def test_two_runs_overlaid(two_runs, tmp_path):
     out = tmp_path / "compare.png"
     proc = check(run(["plot", *two_runs, "--out", out]))
@@ -71,9 +72,9 @@ def test_one_run_defaults_to_its_run_dir(tmp_path):
     assert count_colour(image, COLOURS[0]) > 300 and count_colour(image, COLOURS[1]) == 0
 
 
-def test_missing_run_dir_or_metrics_is_bad_input(two_runs, tmp_path):
+def test_missing_run_dir_or_metrics_is_bad_input(tmp_path):
     missing = tmp_path / "no_such_run"
-    proc = run(["plot", two_runs[0], missing, "--out", tmp_path / "x.png"])
+    proc = run(["plot", fake_run(tmp_path / "r", [train_row(1), train_row(2)]), missing, "--out", tmp_path / "x.png"])
     assert proc.returncode == 2, proc.stderr
     assert f"run dir {missing} does not exist" in proc.stderr and "Traceback" not in proc.stderr
     (tmp_path / "empty").mkdir()

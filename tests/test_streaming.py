@@ -317,6 +317,7 @@ def reference(tmp_path_factory):
     return toy_run(tmp_path_factory.mktemp("ref"), "one", recipe={"val_n": 31}, train={"eval_batch_size": 5})
 
 
+@pytest.mark.slow  # an end-to-end run: the full suite
 def test_a_stream_with_a_length_trains_as_one_without(tmp_path, reference):
     """len() only tells the trainer the epoch's size in advance: the same steps, bit for bit."""
     sized = toy_run(tmp_path, "sized", recipe={"val_n": 31, "has_len": True}, train={"eval_batch_size": 5})

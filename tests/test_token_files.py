@@ -174,6 +174,7 @@ def gpt_config(run_dir: Path, data_file: Path, **recipe) -> dict:
     }
 
 
+@pytest.mark.slow  # an end-to-end run: the full suite
 def test_dataloader_workers_give_the_same_losses(tmp_path):
     (tmp_path / "tokens.bin").write_bytes(random_bytes(17 * 300))
     for workers in (0, 2):
@@ -190,6 +191,7 @@ PEAK_RSS = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[1
             "sys.exit(code)")
 
 
+@pytest.mark.slow  # an end-to-end run: the full suite
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss in KiB and sparse files: Linux")
 def test_training_memory_does_not_grow_with_the_token_file(tmp_path):
     big_size = 4 << 30
