@@ -79,3 +79,9 @@ def reraise(value):
     if isinstance(value, Exception):
         raise value
     return value
+
+
+def max_rel(a: list[float], b: list[float]) -> float:
+    """The largest relative difference of b from a, element by element (a is the reference)."""
+    assert len(a) == len(b)
+    return max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a, b))

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import ROOT, check, losses, metrics, outcome, reraise, run, worker_env, write_config
+from helpers import ROOT, check, losses, max_rel, metrics, outcome, reraise, run, worker_env, write_config
 from test_checkpoint import by_step, start_from_checkpoint, weights
 
 SHARDED_WORKER = Path(__file__).resolve().parent / "test_sharded.py"
@@ -56,11 +56,6 @@ def config(run_dir: Path, strategy: str = "fsdp", replicate: int | str = 1, **se
     for key, value in sections.items():
         cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value
     return cfg
-
-
-def max_rel(a: list[float], b: list[float]) -> float:
-    assert len(a) == len(b)
-    return max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a, b))
 
 
 def plan_rows(cfg: dict, world: int):

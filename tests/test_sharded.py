@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import check, losses, metrics, outcome, reraise, run, write_config
+from helpers import check, losses, max_rel, metrics, outcome, reraise, run, write_config
 
 pytestmark = pytest.mark.slow  # multi-process: the full suite, not the fast tier
 
@@ -100,10 +100,6 @@ def config_for(name: str, run_dir: Path, recipe: dict | None = None, **sections)
 
 def launch(args: list, nproc: int, timeout: float = 600):
     return run(args + (["--nproc", 2] if nproc == 2 else []), timeout=timeout)
-
-
-def max_rel(a: list[float], b: list[float]) -> float:
-    return max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a, b))
 
 
 # ---------------------------------------------------------------- equivalence

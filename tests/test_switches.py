@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import check, digits_config, losses, metrics, outcome, reraise, run, write_config
+from helpers import check, digits_config, losses, max_rel, metrics, outcome, reraise, run, write_config
 from launcher.config import ConfigError, load_config, validate
 from launcher.data import BatchPlan, train_loader
 from launcher.env import DistEnv
@@ -42,11 +42,6 @@ def train_in_process(tmp_path: Path, name: str, **sections) -> list[dict]:
     cfg = write_config(tmp_path / f"{name}.yaml", digits_config(tmp_path / name, **sections))
     Trainer(load_config(cfg), DistEnv("single"), CPU).fit()
     return metrics(tmp_path / name)[0]
-
-
-def max_rel(a: list[float], b: list[float]) -> float:
-    assert len(a) == len(b)
-    return max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a, b))
 
 
 # ---------------------------------------------------------------- activation checkpointing

@@ -41,7 +41,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import check, metrics, outcome, reraise, run, write_config
+from helpers import check, max_rel, metrics, outcome, reraise, run, write_config
 
 pytestmark = [pytest.mark.slow]  # multi-process: the full suite, not the fast tier
 
@@ -182,10 +182,6 @@ def fresh_instance(recipe: str) -> torch.nn.Module:
     from lightning.pytorch.demos import LightningTransformer
 
     return LightningTransformer(vocab_size=256)
-
-
-def max_rel(a: list[float], b: list[float]) -> float:
-    return max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a, b))
 
 
 def val_values(run_dir: Path) -> dict:
