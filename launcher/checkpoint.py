@@ -24,7 +24,6 @@ import os
 import random
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import CheckpointWriteError, ConfigError
+from .fs import warn, write_atomic
 
 STEP_DIR = re.compile(r"step_(\d{6,})$")
 
@@ -52,26 +52,18 @@ def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
-def latest_checkpoint(ckpt_dir: Path, warn=print) -> Path | None:
-    """The checkpoint `latest` names; if it is missing or incomplete, say so and use the newest complete one."""
+def latest_checkpoint(ckpt_dir: Path, note=lambda message: None) -> Path | None:
+    """The checkpoint `latest` names; if it is missing or incomplete, say so (to `note`) and use the
+    newest complete one."""
     complete = complete_checkpoints(ckpt_dir)
     pointer = ckpt_dir / "latest"
     if pointer.is_file():
         named = ckpt_dir / pointer.read_text().strip()
         if is_complete(named):
             return named
-        warn(f"checkpoints/latest names {named.name}, which is missing or incomplete; "
+        note(f"checkpoints/latest names {named.name}, which is missing or incomplete; "
              + (f"using the newest complete checkpoint, {complete[-1].name}" if complete else "no complete checkpoint: starting fresh"))
     return complete[-1] if complete else None
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict:
@@ -158,17 +150,22 @@ def check_loadable(path: Path) -> list[str]:
     return found
 
 
-def resume_source(ckpt_cfg, run_dir: Path, world_size: int, may_move: bool) -> Path | None:
-    """The checkpoint a run will resume from, checked before any worker starts.
+def step_of(path: Path) -> int:
+    return int(STEP_DIR.match(path.name).group(1))
 
-    An explicit checkpoint.resume that is damaged is an error; under `auto` a damaged
-    checkpoint is set aside (renamed step_N.damaged, never deleted) with a warning and
-    the previous complete one is used. `may_move`: this process may rename (rank 0).
+
+def resume_from(ckpt_cfg, run_dir: Path, world_size: int, may_move: bool) -> Path | None:
+    """The one decision of where a run resumes from (checkpoint.resume: auto | never | a path).
+
+    Asked before any worker starts and again by each worker, which get the same answer. An
+    explicit checkpoint that is incomplete or damaged is bad input; under `auto` a damaged one is
+    passed over for the previous complete one, and where `may_move` (the main process) set aside
+    as step_N.damaged (never deleted), with a warning. A DeepSpeed checkpoint of another world
+    size is bad input. None: a fresh start.
     """
     how = ckpt_cfg.resume
     if how == "never":
         return None
-    ckpt_dir = run_dir / "checkpoints"
     if how != "auto":
         path = Path(how)
         if not is_complete(path):
@@ -180,24 +177,24 @@ def resume_source(ckpt_cfg, run_dir: Path, world_size: int, may_move: bool) -> P
                               "checkpoint (checkpoint.resume=<its directory>) or start afresh with checkpoint.resume=never")
         check_world_size(path, world_size)
         return path
-    quiet = (lambda m: None) if not may_move else (lambda m: print(f"warning: {m}", file=sys.stderr))
-    while (path := latest_checkpoint(ckpt_dir, quiet)) is not None:
+    ckpt_dir = run_dir / "checkpoints"
+    path = latest_checkpoint(ckpt_dir, warn if may_move else lambda message: None)
+    while path is not None:
         found = check_loadable(path)
         if not found:
             check_world_size(path, world_size)
             return path
-        aside = path.with_name(path.name + ".damaged")
+        earlier = [p for p in complete_checkpoints(ckpt_dir) if step_of(p) < step_of(path)]
         if may_move:
-            print(f"warning: checkpoint {path} is damaged ({'; '.join(found)}): moved aside to {aside.name}; "
-                  "resuming from the previous complete checkpoint instead", file=sys.stderr)
+            aside = path.with_name(path.name + ".damaged")
+            warn(f"checkpoint {path} is damaged ({'; '.join(found)}): moved aside to {aside.name}; "
+                 "resuming from the previous complete checkpoint instead")
             path.rename(aside)
-            earlier = complete_checkpoints(ckpt_dir)
             if earlier:
                 write_atomic(ckpt_dir / "latest", earlier[-1].name)
             else:
                 (ckpt_dir / "latest").unlink(missing_ok=True)
-        elif path.exists():
-            return None  # rank 0 sets it aside; the workers look again when they start
+        path = earlier[-1] if earlier else None
     return None
 
 
@@ -246,10 +243,11 @@ class Checkpointer:
 
     # ------------------------------------------------------------ save
 
-    def save(self, step: int, strategy, meta: dict, extra: dict | None = None, overlap: bool = True) -> None:
-        """Every rank calls this at the same step. Returns once this rank's part is written (sync);
-        for an async save, once the copy of the state has started (overlap: wait_staged() before the
-        state changes) or completed (not overlap)."""
+    def save(self, step: int, strategy, meta: dict, files: dict | None = None, overlap: bool = True) -> None:
+        """Every rank calls this at the same step. `files`: {name: tensors and plain values} this rank
+        writes beside its part (a stream's state, a module's additions), published with the rest or not
+        at all. Returns once this rank's part is written (sync); for an async save, once the copy of the
+        state has started (overlap: wait_staged() before the state changes) or completed (not overlap)."""
         self.wait()  # one save in flight at a time
         if step == self.last_saved_step:  # e.g. the end, right after an every_steps save
             return
@@ -263,8 +261,8 @@ class Checkpointer:
                 tmp.mkdir(parents=True)
             barrier()
             torch.save(rng_state(), tmp / f"rng_{self.rank}.pt")
-            if extra and self.rank == 0:  # a LightningModule's own additions (on_save_checkpoint)
-                torch.save(extra, tmp / "module_extra.pt")
+            for name, value in (files or {}).items():
+                torch.save(value, tmp / name)
             result = strategy.save_checkpoint(tmp, async_save=self.cfg.async_save)
 
         def finalize() -> None:
@@ -355,16 +353,6 @@ class Checkpointer:
         so that neither `latest` nor pruning mixes the two runs."""
         if self.rank == 0 and self.dir.is_dir() and any(self.dir.iterdir()):
             self.dir.rename(self.dir.with_name(f"checkpoints.{time.time_ns()}"))
-
-    def resume_path(self) -> Path | None:
-        """Where to resume from per checkpoint.resume: auto | never | a path."""
-        how = self.cfg.resume
-        if how == "never":
-            return None
-        if how == "auto":
-            warn = (lambda m: print(f"warning: {m}", file=sys.stderr)) if self.rank == 0 else (lambda m: None)
-            return latest_checkpoint(self.dir, warn)
-        return Path(how)
 
     def load_extra(self, path: Path) -> dict:
         """What the module added to the checkpoint (on_save_checkpoint), read safely; {} if nothing."""

@@ -15,10 +15,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from .errors import ConfigError
+from .fs import write_atomic
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ProfileConfig(Section):
+    start_step: int = Field(ge=1, description="the first optimizer step recorded (1: the run's first)")
+    steps: int = Field(ge=1, description="how many steps are recorded")
 
 
 class TrainConfig(Section):
@@ -44,6 +50,9 @@ class TrainConfig(Section):
                           "with deepspeed")
     activation_checkpointing: bool = Field(False, description="recompute each shard unit's activations in backward: "
                                            "less memory, more compute")
+    profile: Optional[ProfileConfig] = Field(None, description="{start_step: N, steps: K}: a torch.profiler trace "
+                                             "of steps N..N+K-1 in RUN_DIR/profile (Chrome trace JSON, one per "
+                                             "rank, for Perfetto or TensorBoard); null: off")
 
 
 class OptimConfig(Section):
@@ -331,9 +340,7 @@ def validate_recipe_fields(config_cls, values: dict, origin: str):
 
 
 def dump_config(cfg: Config, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    tmp.replace(path)
+    write_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 # ---------------------------------------------------------------- resuming with another config

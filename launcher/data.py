@@ -11,35 +11,11 @@ it does not depend on num_workers or prefetching.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-
-@dataclass(frozen=True)
-class BatchPlan:
-    """The batch arithmetic of a run: G = A * M * W."""
-
-    global_batch: int
-    micro_batch: int
-    world_size: int
-    dataset_len: int
-    tail: str = "drop"
-
-    @property
-    def accumulation(self) -> int:
-        return self.global_batch // (self.micro_batch * self.world_size)
-
-    @property
-    def steps_per_epoch(self) -> int:
-        if self.tail == "wrap":
-            return -(-self.dataset_len // self.global_batch)
-        return self.dataset_len // self.global_batch
-
-    @property
-    def per_rank_step(self) -> int:
-        return self.accumulation * self.micro_batch
+from .batch import BatchSizes
+from .errors import ConfigError
 
 
 def epoch_permutation(n: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
@@ -52,29 +28,29 @@ def epoch_permutation(n: int, seed: int, epoch: int, shuffle: bool) -> torch.Ten
 class ShardedSampler(Sampler[int]):
     """This rank's indices for one epoch, from a given step on."""
 
-    def __init__(self, plan: BatchPlan, rank: int, seed: int, shuffle: bool):
-        self.plan, self.rank, self.seed, self.shuffle = plan, rank, seed, shuffle
+    def __init__(self, sizes: BatchSizes, rank: int, seed: int, shuffle: bool):
+        self.sizes, self.rank, self.seed, self.shuffle = sizes, rank, seed, shuffle
         self.epoch, self.start_step = 0, 0
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.epoch, self.start_step = epoch, start_step
 
     def __iter__(self):
-        plan = self.plan
-        perm = epoch_permutation(plan.dataset_len, self.seed, self.epoch, self.shuffle)
-        used = plan.steps_per_epoch * plan.global_batch
+        sizes = self.sizes
+        perm = epoch_permutation(sizes.dataset_len, self.seed, self.epoch, self.shuffle)
+        used = sizes.steps_per_epoch * sizes.global_batch
         if used > len(perm):  # tail: "wrap" fills the last step from the start (again and again)
             perm = perm.repeat(-(-used // len(perm)))
-        mine = perm[:used][self.rank :: plan.world_size][self.start_step * plan.per_rank_step :]
+        mine = perm[:used][self.rank :: sizes.world_size][self.start_step * sizes.per_rank_step :]
         # In chunks: a list of Python ints costs ~6 times the tensor, which matters for token files
         # of many millions of windows.
         return (i for chunk in mine.split(1 << 16) for i in chunk.tolist())
 
     def __len__(self) -> int:
-        return (self.plan.steps_per_epoch - self.start_step) * self.plan.per_rank_step
+        return (self.sizes.steps_per_epoch - self.start_step) * self.sizes.per_rank_step
 
 
-def train_loader(dataset: Dataset, plan: BatchPlan, rank: int, seed: int, shuffle: bool,
+def train_loader(dataset: Dataset, sizes: BatchSizes, rank: int, seed: int, shuffle: bool,
                  num_workers: int, collate, pin_memory: bool | str, prefetch_factor: int | None = None) -> DataLoader:
     """The order does not depend on the workers: the sampler runs in this process and the loader
     hands the batches back in sampler order, however many workers load them.
@@ -83,10 +59,10 @@ def train_loader(dataset: Dataset, plan: BatchPlan, rank: int, seed: int, shuffl
     asynchronously; only CUDA has a use for them, which is what "auto" means.
     """
     pin_memory = resolve_pin_memory(pin_memory)
-    sampler = ShardedSampler(plan, rank, seed, shuffle)
+    sampler = ShardedSampler(sizes, rank, seed, shuffle)
     workers = num_workers > 0
     return DataLoader(
-        dataset, batch_size=plan.micro_batch, sampler=sampler, num_workers=num_workers,
+        dataset, batch_size=sizes.micro_batch, sampler=sampler, num_workers=num_workers,
         collate_fn=collate, pin_memory=bool(pin_memory), drop_last=False,
         # Workers start once, not every epoch (set_epoch reaches them through the indices the sampler
         # yields here); torch refuses a prefetch_factor without workers.
@@ -94,13 +70,47 @@ def train_loader(dataset: Dataset, plan: BatchPlan, rank: int, seed: int, shuffl
     )
 
 
+class MapData:
+    """A map-style training set behind the train-data interface the loop holds (stream.StreamData
+    answers the same): epochs of a known number of steps, the position derived from the step."""
+
+    def __init__(self, dataset: Dataset, sizes: BatchSizes, rank: int, data_cfg, seed: int, collate):
+        self.sizes = sizes
+        self.loader = train_loader(dataset, sizes, rank, seed, data_cfg.shuffle, data_cfg.num_workers, collate,
+                                   pin_memory=data_cfg.pin_memory, prefetch_factor=data_cfg.prefetch_factor)
+
+    def epoch_from(self, step: int):
+        """(epoch, batches, steps) from `step` on: the loop draws micro-batches from `batches` for each
+        of `steps`, which runs out at the epoch's end."""
+        epoch, start = divmod(step, self.sizes.steps_per_epoch)
+        self.loader.sampler.set_epoch(epoch, start)
+        return epoch, iter(self.loader), range(start, self.sizes.steps_per_epoch)
+
+    def epoch_done(self, step: int) -> bool:
+        """Has an epoch ended at `step`?"""
+        return step % self.sizes.steps_per_epoch == 0
+
+    def last_epoch(self, step: int) -> int:
+        """The epoch of the step before `step`."""
+        return max(0, step - 1) // self.sizes.steps_per_epoch
+
+    def describe(self) -> str:
+        return f"{self.sizes.steps_per_epoch} an epoch"
+
+    def checkpoint(self, step: int) -> tuple[dict | None, dict]:
+        """(what meta.json keeps of the data's position, files for this rank to save beside its
+        part of the checkpoint): nothing, the step says it all."""
+        return None, {}
+
+    def restore(self, step: int, meta: dict, path) -> None:
+        """Nothing to restore: epoch_from(step) finds the position."""
+
+
 def resolve_pin_memory(pin_memory: bool | str) -> bool:
     """data.pin_memory: auto is on exactly with CUDA (the launcher trains on CUDA when it is there)."""
     if pin_memory == "auto":
         return torch.cuda.is_available()
     if pin_memory and not torch.cuda.is_available():
-        from .errors import ConfigError
-
         raise ConfigError("data.pin_memory=true needs CUDA (page-locked memory only speeds up copies to a GPU): "
                           "set data.pin_memory=auto or false")
     return bool(pin_memory)
@@ -127,12 +137,12 @@ class EvalLoader:
 
     def __init__(self, dataset: Dataset, batch_size: int, rank: int, world_size: int,
                  num_workers: int, collate):
-        self.plan = eval_batches(len(dataset), batch_size, rank, world_size)
-        self.loader = DataLoader(dataset, batch_sampler=[b for b, _ in self.plan],
+        self.batches = eval_batches(len(dataset), batch_size, rank, world_size)
+        self.loader = DataLoader(dataset, batch_sampler=[b for b, _ in self.batches],
                                  num_workers=num_workers, collate_fn=collate)
 
     def __iter__(self):
-        for (indices, counts), batch in zip(self.plan, self.loader):
+        for (indices, counts), batch in zip(self.batches, self.loader):
             yield batch, len(indices), counts
 
 

@@ -158,6 +158,13 @@ def ensure_process_group(device: torch.device) -> None:
                             rank=0, world_size=1, device_id=device if device.type == "cuda" else None)
 
 
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """t summed over the ranks, in place; t itself on one process."""
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
 def destroy_process_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

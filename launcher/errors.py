@@ -24,3 +24,17 @@ class CheckpointWriteError(TrainingError):
 
 class Stopped(Exception):
     """A stop signal arrived and the checkpoint is saved."""
+
+
+def exit_now(code: int) -> None:
+    """The one way out of a launcher process: flush stdout and stderr, then os._exit, skipping
+    interpreter finalization (docs/design.md, Process exit)."""
+    import os
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more can be said
+            pass
+    os._exit(code)

@@ -8,13 +8,13 @@ load_state_dict(strict=True).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from .checkpoint import complete_checkpoints, latest_checkpoint, step_dir_name
 from .config import ConfigError, load_config
+from .fs import check_writable, replaced_atomically
 from .recipe import LightningAdapter, Recipe
 from .strategies.base import single_process_quiet
 
@@ -33,9 +33,14 @@ def find_checkpoint(run_dir: Path, step: int | None) -> Path:
     return path
 
 
-def export(run_dir: Path, out: Path, step: int | None = None) -> Path:
-    from .cli import check_writable
+def cmd_export(args) -> int:
+    path, step = export(Path(args.run_dir), Path(args.out), args.step)
+    print(f"wrote {path} (the weights of step {step})")
+    return 0
 
+
+def export(run_dir: Path, out: Path, step: int | None = None) -> tuple[Path, int]:
+    """Write the weights of the checkpoint of `step` (default: the latest); returns (file, step)."""
     if out.is_dir():
         raise ConfigError(f"{out} is a directory: give the file to write, e.g. {out / 'model.safetensors'}")
     check_writable(out.parent, f"{out} (its folder, {out.parent})",  # before the (long) load, not after
@@ -55,7 +60,7 @@ def export(run_dir: Path, out: Path, step: int | None = None) -> Path:
         state = {k.removeprefix("module."): v for k, v in state.items()}
     model = model.module if isinstance(model, LightningAdapter) else model
     model.load_state_dict(state, strict=True)  # fail here, not in the user's hands
-    return write_safetensors(model.state_dict(), out)
+    return write_safetensors(model.state_dict(), out), meta["step"]
 
 
 def dcp_full_state(ckpt: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -90,7 +95,6 @@ def write_safetensors(state: dict[str, torch.Tensor], out: Path) -> Path:
     # Tied weights are one tensor under two names; safetensors wants separate storage.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out)  # never a half-written file under the final name
+    with replaced_atomically(out) as tmp:  # never a half-written file under the final name
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     return out

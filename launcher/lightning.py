@@ -22,6 +22,7 @@ import re
 import torch
 from torch import nn
 
+from .config import ScheduleConfig
 from .errors import ConfigError
 from .optim import Schedule
 
@@ -197,11 +198,16 @@ REDUCE = {"mean": "mean", "avg": "mean", "sum": "sum", "max": "max", "min": "min
 
 
 class LightningRun:
-    """What a LightningModule sees while launcher trains it. The Trainer owns one per run."""
+    """What a LightningModule sees while launcher trains it, behind the calls the loop makes of any
+    recipe (recipe.PlainRun answers the same ones without hooks). The Trainer owns one per run;
+    `state` is its run_state.RunState (step, epoch, sizes, config)."""
 
-    def __init__(self, module: nn.Module, trainer):
-        self.module, self.trainer = module, trainer
-        self.cfg, self.env, self.plan = trainer.cfg, trainer.env, trainer.plan
+    hooks_between_steps = True  # its hooks run before the next optimizer step and may change the weights
+
+    def __init__(self, module: nn.Module, state):
+        self.module, self.state = module, state
+        self.cfg, self.env, self.plan = state.cfg, state.env, state.sizes
+        module.to(state.device)  # its own .to(): it keeps self.device right, before the strategy wraps it
         self.stage = "train"
         self.step_logs: dict[str, Logged] = {}   # on_step values of training (latest a step)
         self.epoch_logs: dict[str, Logged] = {}  # on_epoch values of training (the epoch so far)
@@ -212,15 +218,19 @@ class LightningRun:
             module._trainer = TrainerView(self)
             module.log = self.log  # the instance's log and log_dict now reach launcher's loggers
 
-    step = property(lambda self: self.trainer.step)
-    epoch = property(lambda self: self.trainer.step // self.plan.steps_per_epoch)
-    total_steps = property(lambda self: self.trainer.total_steps)
+    step = property(lambda self: self.state.step)
+    epoch = property(lambda self: self.state.epoch)
+    total_steps = property(lambda self: self.state.total_steps)
+
+    def schedule_config(self, configured):
+        """Without a scheduler from configure_optimizers the rate is constant, as under Lightning."""
+        return ScheduleConfig()
 
     def hook(self, name: str, *args):
         fn = getattr(self.module, name, None)
         return fn(*args) if callable(fn) else None
 
-    def training_step(self, model: nn.Module, batch, batch_idx: int):
+    def loss(self, model: nn.Module, batch, batch_idx: int):
         """The loss of one micro-batch: training_step through the wrapped model."""
         self.batch_size = self.plan.micro_batch
         out = model(batch, batch_idx)
@@ -230,7 +240,7 @@ class LightningRun:
                               "that way is not supported; return the loss")
         return loss
 
-    def validation_step(self, model: nn.Module, batch, batch_idx: int, n: int, counts: bool) -> dict:
+    def validation_values(self, model: nn.Module, batch, batch_idx: int, n: int, counts: bool) -> dict:
         """Run validation_step through the wrapped model. What it logs is collected for the end
         of the validation; a module that cannot log (not a LightningModule) may return a dict
         of metrics instead."""
@@ -276,7 +286,7 @@ class LightningRun:
             raise ConfigError(f"self.log({name!r}, reduce_fx={reduce_fx!r}): launcher reduces with mean, sum, max "
                               "or min")
         if not torch.is_tensor(value):
-            value = torch.tensor(float(value), device=self.trainer.device)
+            value = torch.tensor(float(value), device=self.state.device)
         size = batch_size or self.batch_size
         training = self.stage == "train"
         on_step = training if on_step is None else on_step

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from .errors import FAILED, STOPPED, Stopped, TrainingError
+from .fs import warn, write_atomic
 
 
 class JsonlLogger:
@@ -32,7 +33,7 @@ class JsonlLogger:
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
 
-    def close(self) -> None:
+    def close(self, ended: BaseException | None = None) -> None:
         self.file.close()
 
 
@@ -41,9 +42,7 @@ def keep_rows_up_to(path: Path, step: int) -> None:
     if not path.exists():
         return
     kept = [line for line in path.read_text().splitlines() if row_step(line) <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(r + "\n" for r in kept))
-    tmp.replace(path)
+    write_atomic(path, "".join(r + "\n" for r in kept))
 
 
 def row_step(line: str) -> float:
@@ -104,7 +103,7 @@ class ConsoleLogger:
         if self.bar:
             self.bar.update(steps)
 
-    def close(self) -> None:
+    def close(self, ended: BaseException | None = None) -> None:
         if self.bar:
             self.bar.close()
 
@@ -124,10 +123,6 @@ def plottable(row: dict) -> dict:
     """A row's numeric values keyed `<split>/<key>` (see the top of this file), for W&B and TensorBoard."""
     split = row.get("split", "train")
     return {f"{split}/{k}": v for k, v in row.items() if k != "step" and isinstance(v, numbers.Real)}
-
-
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def one_line(e: BaseException) -> str:
@@ -176,16 +171,13 @@ class WandbLogger:
         self.save_state()
 
     def save_state(self) -> None:
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"id": self.id, "sent": self.sent}))
-        tmp.replace(self.state_path)
+        write_atomic(self.state_path, json.dumps({"id": self.id, "sent": self.sent}))
 
-    def close(self) -> None:
+    def close(self, ended: BaseException | None = None) -> None:
+        """Finish the W&B run as the training ended: None (done), Stopped (preempted), else failed."""
         if self.run is None:
             return
         run, self.run = self.run, None
-        # close() runs in the trainer's `finally`: the exception on its way out, if any, is how the run ended.
-        ended = sys.exc_info()[1]
         try:
             if isinstance(ended, Stopped):
                 run.mark_preempting()  # W&B shows it as preempted: the same command resumes it
@@ -236,7 +228,7 @@ class TensorBoardLogger:
             self.writer.add_scalar(tag, value, row["step"])
         self.writer.flush()  # as metrics.jsonl: a crash loses no row logged
 
-    def close(self) -> None:
+    def close(self, ended: BaseException | None = None) -> None:
         self.writer.close()
 
 
@@ -263,7 +255,11 @@ class Loggers:
             loggers.append(TensorBoardLogger(run_dir, start_step if resumed else None))
         return cls(loggers, console)
 
-    def log(self, row: dict) -> None:
+    def log(self, row: dict, prog_bar: set[str] | None = None) -> None:
+        """prog_bar: the names of a train row's values the progress bar shows too (a LightningModule's
+        prog_bar=True)."""
+        if prog_bar is not None and self.console:
+            self.console.prog_bar = prog_bar
         for logger in self.loggers:
             logger.log(row)
 
@@ -271,6 +267,7 @@ class Loggers:
         if self.console:
             self.console.advance(steps)
 
-    def close(self) -> None:
+    def close(self, ended: BaseException | None = None) -> None:
+        """Close every logger; `ended` is how the training ended (None: it finished)."""
         for logger in self.loggers:
-            logger.close()
+            logger.close(ended)

@@ -367,10 +367,10 @@ def estimate(cfg, recipe, world_size: int) -> dict[str, Row]:
 
 
 def setup(cfg, recipe, world_size: int) -> Setup:
-    from .trainer import batch_plan
+    from .batch import batch_sizes
 
-    plan = batch_plan(cfg, world_size)
-    return Setup(cfg, world_size, plan.accumulation, summarize(cfg, recipe), deepspeed_settings(cfg, world_size))
+    sizes = batch_sizes(cfg, world_size)
+    return Setup(cfg, world_size, sizes.accumulation, summarize(cfg, recipe), deepspeed_settings(cfg, world_size))
 
 
 def rows_for(s: Setup) -> dict[str, Row]:
@@ -386,13 +386,13 @@ def rows_for(s: Setup) -> dict[str, Row]:
 
 def deepspeed_settings(cfg, world_size: int) -> dict:
     """DeepSpeed's config as the launcher would hand it over (the user's JSON merged)."""
+    from .batch import BatchSizes
     from .config import ConfigError
-    from .data import BatchPlan
     from .strategies.deepspeed import ds_config
 
     G = cfg.train.global_batch_size
     try:
-        return ds_config(cfg, BatchPlan(G, max(1, G // world_size), world_size, 0), cuda=False)
+        return ds_config(cfg, BatchSizes(G, max(1, G // world_size), world_size, 0), cuda=False)
     except ConfigError:  # a setting that only matters when DeepSpeed is the chosen strategy
         return {"zero_optimization": {"stage": cfg.deepspeed.zero_stage},
                 "bf16": {"enabled": cfg.precision == "bf16"}, "fp16": {"enabled": cfg.precision == "fp16"}}
@@ -476,10 +476,10 @@ def cell(h: Held | None) -> tuple[str, str]:
 
 
 def describe(cfg, recipe, world_size: int, nodes: int = 1) -> str:
+    from .batch import batch_sizes, describe_batch
     from .strategies import resolve_name
-    from .trainer import batch_plan, describe_batch
 
-    plan = batch_plan(cfg, world_size)
+    sizes = batch_sizes(cfg, world_size)
     s = setup(cfg, recipe, world_size)
     rows, mine, model = rows_for(s), chosen(cfg, world_size), s.model
     n_all = sum(p.numel for p in model.params)
@@ -490,7 +490,7 @@ def describe(cfg, recipe, world_size: int, nodes: int = 1) -> str:
     lines = [
         f"strategy: {name}{f' ({ROWS[mine][0]})' if mine != name else ''}   world size: {world_size}"
         f"{f' ({nodes} nodes x {world_size // nodes} processes)' if nodes > 1 else ''}   precision: {cfg.precision}",
-        f"batch: {describe_batch(cfg, plan)}",
+        f"batch: {describe_batch(cfg, sizes)}",
         f"optimizer: {model.optimizer}",
         f"schedule: {recipe.replaces().get('schedule', schedule)}",
         f"parameters: {n_all:,} ({n_train:,} trainable, {n_all - n_train:,} frozen"
@@ -529,8 +529,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_plan(args) -> int:
     import yaml
 
-    from .cli import check_inputs
     from .config import ConfigError, load_config
+    from .preflight import check_inputs
 
     for flag, value in (("--nproc", args.nproc), ("--nnodes", args.nnodes)):
         if value < 1:

@@ -232,9 +232,51 @@ class Recipe:
         fn = getattr(self.module, "shard_units", None)
         return (lambda model: list(fn(unwrap_lightning(model)))) if fn else None
 
+    def run_for(self, model: nn.Module, state):
+        """What the loop calls to run this model: a LightningModule's hooks and logs, or the recipe's functions."""
+        if isinstance(model, LightningAdapter):
+            from .lightning import LightningRun
+
+            return LightningRun(model.module, state)
+        return PlainRun(self)
+
     def per_sample(self, what: str) -> float | None:
         fn = getattr(self.module, what, None)
         return float(fn(self.cfg)) if fn else None
+
+
+class PlainRun:
+    """A plain recipe as the loop holds it: the calls lightning.LightningRun answers for a
+    LightningModule, here without hooks or logged values."""
+
+    hooks_between_steps = False
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+
+    def hook(self, name: str, *args) -> None:
+        """A plain recipe has no hooks."""
+
+    def loss(self, model: nn.Module, batch, batch_idx: int):
+        return self.recipe.loss(model, batch)
+
+    def validation_values(self, model: nn.Module, batch, batch_idx: int, n: int, counts: bool) -> dict:
+        return self.recipe.validation_values(model, batch)
+
+    def step_values(self) -> dict:
+        return {}
+
+    def prog_bar_names(self) -> set[str]:
+        return set()
+
+    def end_epoch(self) -> dict:
+        return {}
+
+    def end_validation(self) -> dict:
+        return {}
+
+    def schedule_config(self, configured):
+        return configured
 
 
 class RecipeError(ConfigError):

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from .config import ConfigError, dump_config, load_config
+from .fs import replaced_atomically, say
 
 # Seconds of warning before the time limit (SIGUSR1 to every task): enough for the
 # current step to end and one checkpoint to be written, with a margin (SLURM may send it
@@ -219,7 +220,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_slurm(args) -> int:
-    from .cli import check_inputs
+    from .preflight import check_inputs
 
     nodes, gpus = args.nodes, args.gpus_per_node
     nproc = args.nproc_per_node if args.nproc_per_node is not None else (gpus or 1)
@@ -257,14 +258,13 @@ def cmd_slurm(args) -> int:
     script = render(args, config_path=config_path, job_name=job_name, nproc=nproc, slurm_dir=slurm_dir,
                     origin=" ".join([args.config, *args.overrides]))
     script_path = slurm_dir / "job.sbatch"
-    tmp = script_path.with_suffix(".tmp")
-    tmp.write_text(script)
-    tmp.chmod(0o755)
-    tmp.replace(script_path)
+    with replaced_atomically(script_path) as tmp:
+        tmp.write_text(script)
+        tmp.chmod(0o755)
 
     print(script, end="")
-    print(f"# wrote {script_path} ({nodes} node(s) x {nproc} worker(s), world size {nodes * nproc}); "
-          f"it runs the config saved as {config_path}", file=sys.stderr)
+    say(f"# wrote {script_path} ({nodes} node(s) x {nproc} worker(s), world size {nodes * nproc}); "
+        f"it runs the config saved as {config_path}")
     if args.test_only:
         proc = subprocess.run(["sbatch", "--test-only", str(script_path)], capture_output=True, text=True)
         said = (proc.stdout + proc.stderr).strip()
@@ -278,7 +278,7 @@ def cmd_slurm(args) -> int:
         job_id = proc.stdout.strip().split(";")[0]
         print(f"submitted job {job_id}\nlog: {slurm_dir / f'{job_name}-{job_id}.out'}\nrun dir: {run_dir}")
     elif not args.test_only:
-        print(f"submit with: sbatch {script_path}", file=sys.stderr)
+        say(f"submit with: sbatch {script_path}")
     return 0
 
 

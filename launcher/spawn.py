@@ -1,14 +1,13 @@
 """--nproc: hand the same command to torch.distributed.run, in this process."""
 from __future__ import annotations
 
-import sys
-
 from torch.distributed import DistError
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import get_args_parser, run
 
 from .errors import BAD_INPUT, DONE, FAILED, STOPPED
+from .fs import error, say
 
 
 def torchrun_args(worker_argv: list[str], nproc: int, nnodes: int, node_rank: int | None,
@@ -39,13 +38,13 @@ def spawn(worker_argv: list[str], **options) -> int:
     try:
         run(args)
     except DistError as e:  # the rendezvous: a node did not arrive, or the endpoint is unreachable
-        print(f"error: the {options['nnodes']} nodes did not all meet at {options['rdzv_endpoint']} within "
+        error(f"the {options['nnodes']} nodes did not all meet at {options['rdzv_endpoint']} within "
               f"{options.get('timeout_s', 600):g} s (dist.timeout_s): start every node with the same --nnodes and "
               f"--rdzv-endpoint, each with its own --node-rank, and check that the port is reachable from every node "
-              f"({str(e).splitlines()[0]})", file=sys.stderr)
+              f"({str(e).splitlines()[0]})")
         return FAILED
     except SignalException as e:  # the launcher itself was signalled; the workers got it too
-        print(f"launcher: {e.sigval.name} received; the workers saved a checkpoint. Run the same command to resume.")
+        say(f"launcher: {e.sigval.name} received; the workers saved a checkpoint. Run the same command to resume.")
         return STOPPED
     except ChildFailedError as e:
         codes = {failure.exitcode for failure in e.failures.values() if failure.exitcode > 0}

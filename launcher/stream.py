@@ -20,14 +20,16 @@ and discarding what the epoch had consumed.
 from __future__ import annotations
 
 import itertools
-import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
+from .checkpoint import load_safely
+from .data import EvalLoader, MapData
 from .errors import ConfigError
+from .fs import say
 
 
 def is_stream(dataset) -> bool:
@@ -52,7 +54,7 @@ def stream_length(dataset) -> int | None:
 
 
 def train_length(cfg, dataset, say=None) -> int:
-    """The length the batch plan is built on. A stream without len() is as long as the run
+    """The length the batch sizes are built on. A stream without len() is as long as the run
     (train.max_steps), which it must then set; its epochs are found as each pass ends."""
     if not is_stream(dataset):
         return len(dataset)
@@ -162,76 +164,84 @@ def agree(value: int, op) -> int:
 # ---------------------------------------------------------------- training
 
 
-class StreamLoader:
-    """The training stream, epoch by epoch: built where the map-style loader is (launcher/trainer.py)."""
+class StreamData:
+    """The training stream, epoch by epoch, behind the train-data interface of data.MapData."""
 
-    def __init__(self, dataset, plan, rank: int, num_workers: int, collate, pin_memory: bool = False,
+    def __init__(self, dataset, sizes, rank: int, num_workers: int, collate, pin_memory: bool = False,
                  prefetch_factor: int | None = None):
-        self.dataset, self.plan, self.rank = dataset, plan, rank
+        self.dataset, self.sizes, self.rank = dataset, sizes, rank
         self.num_workers, self.collate, self.pin_memory, self.prefetch_factor = (num_workers, collate, pin_memory,
                                                                                  prefetch_factor)
         self.sharded = shards_by_rank(dataset)
-        self.known = stream_length(dataset) is not None  # then an epoch is plan.steps_per_epoch steps
+        self.known = stream_length(dataset) is not None  # then an epoch is sizes.steps_per_epoch steps
         self.epoch, self.epoch_start = 0, 0  # the epoch being read, and the step it began at
         self.state = None  # the stream's state at the resumed step, if it was restored
         self.current: StreamEpoch | None = None
 
     def epoch_from(self, step: int):
-        """(epoch, batches, steps) from `step` on: train_step reads `batches`; `steps` runs out at the epoch's end."""
+        """(epoch, batches, steps) from `step` on, as data.MapData.epoch_from."""
         if self.current is not None and self.current.finished:
             self.epoch, self.epoch_start = self.epoch + 1, step
-        plan, offset = self.plan, step - self.epoch_start
-        per_step = plan.per_rank_step if self.sharded else plan.global_batch  # positions this rank reads a step
-        reader = Reader(self.dataset, self.rank, plan.world_size, per_step, plan.micro_batch, self.collate,
+        sizes, offset = self.sizes, step - self.epoch_start
+        per_step = sizes.per_rank_step if self.sharded else sizes.global_batch  # positions this rank reads a step
+        reader = Reader(self.dataset, self.rank, sizes.world_size, per_step, sizes.micro_batch, self.collate,
                         whole=True, epoch=self.epoch, skip=0 if self.state is not None else offset * per_step,
-                        state=self.state, limit=plan.steps_per_epoch - offset if self.known else None)
+                        state=self.state, limit=sizes.steps_per_epoch - offset if self.known else None)
         self.state = None
         self.current = StreamEpoch(iter(loader(reader, self.num_workers, self.pin_memory, self.prefetch_factor)),
-                                   plan.accumulation, reader.limit, self.sharded and plan.world_size > 1, offset)
+                                   sizes.accumulation, reader.limit, self.sharded and sizes.world_size > 1, offset)
         return self.epoch, self.current, self.current.steps()
 
     def done(self, step: int) -> bool:
-        """Has the epoch being read ended at `step`?"""
+        """Has the epoch being read ended at `step`, as far as read?"""
         if self.current is not None and self.current.finished:
             return True
-        return self.known and step - self.epoch_start >= self.plan.steps_per_epoch
+        return self.known and step - self.epoch_start >= self.sizes.steps_per_epoch
 
-    def checkpoint(self, step: int, strategy):
-        """(what meta.json keeps of the stream, the strategy to save with): a stateful stream's state at
-        `step` goes into the checkpoint directory with this rank's part (one file for all ranks, rank 0's,
-        when every rank reads the whole stream)."""
+    def epoch_done(self, step: int) -> bool:
+        """Has the epoch ended at `step`? Without a length, found by reading ahead: no whole step follows."""
+        return self.done(step) or (self.current is not None and not self.current.has_step())
+
+    def last_epoch(self, step: int) -> int:
+        """The epoch of the last step read: known as the stream is read (its passes need not be whole steps)."""
+        return self.epoch
+
+    def describe(self) -> str:
+        return f"{self.sizes.steps_per_epoch} an epoch" if self.known else "an epoch a pass of the stream"
+
+    def checkpoint(self, step: int) -> tuple[dict, dict]:
+        """(what meta.json keeps of the stream, {file name: state} for this rank to save beside its part):
+        a stateful stream's state at `step` (one file for all ranks, rank 0's, when every rank reads the
+        whole stream). It is published with the rest of the checkpoint or not at all."""
         if self.done(step):
-            return {"epoch": self.epoch + 1, "epoch_start": step}, strategy
+            return {"epoch": self.epoch + 1, "epoch_start": step}, {}
         meta = {"epoch": self.epoch, "epoch_start": self.epoch_start}
         state = self.state
         if self.current is not None:
             state = self.current.state_at(step - self.epoch_start)
         if state is None or (self.rank != 0 and not self.sharded):
-            return meta, strategy
-        return meta, WithStreamState(strategy, state, f"stream_{self.rank}.pt")
+            return meta, {}
+        return meta, {f"stream_{self.rank}.pt": state}
 
     def restore(self, step: int, meta: dict, path: Path) -> None:
         """Where the resumed epoch stands, and the stream's state if it was saved (else fast-forward)."""
-        from .checkpoint import load_safely
-
         saved = meta.get("stream")
         if saved is not None:
             self.epoch, self.epoch_start = saved["epoch"], saved["epoch_start"]
         elif self.known:
-            self.epoch = step // self.plan.steps_per_epoch
-            self.epoch_start = self.epoch * self.plan.steps_per_epoch
+            self.epoch = step // self.sizes.steps_per_epoch
+            self.epoch_start = self.epoch * self.sizes.steps_per_epoch
         file = path / f"stream_{self.rank if self.sharded else 0}.pt"
         # A self-sharding stream's state is its rank's part at the saving world size: elsewhere, fast-forward.
-        same_parts = not self.sharded or meta.get("world_size") == self.plan.world_size
+        same_parts = not self.sharded or meta.get("world_size") == self.sizes.world_size
         if step > self.epoch_start and is_stateful(self.dataset) and same_parts and file.is_file():
             self.state = load_safely(file)
             how = "restored its state"
         else:
-            per_step = self.plan.per_rank_step if self.sharded else self.plan.global_batch
+            per_step = self.sizes.per_rank_step if self.sharded else self.sizes.global_batch
             how = f"fast-forwarding {(step - self.epoch_start) * per_step} positions"
         if self.rank == 0 and step > self.epoch_start:
-            print(f"training stream: epoch {self.epoch}, step {step - self.epoch_start} of it: {how}", file=sys.stderr,
-                  flush=True)
+            say(f"training stream: epoch {self.epoch}, step {step - self.epoch_start} of it: {how}")
 
 
 class StreamEpoch:
@@ -293,26 +303,6 @@ class StreamEpoch:
         return False
 
 
-def epoch_over(batches) -> bool:
-    """A stream's epoch has ended when no whole step follows (found by reading ahead)."""
-    return isinstance(batches, StreamEpoch) and not batches.has_step()
-
-
-class WithStreamState:
-    """The strategy, with this rank's stream state written into the checkpoint directory before its
-    part of the model: it is published with the rest (the directory's rename) or not at all."""
-
-    def __init__(self, strategy, state, file: str):
-        self.strategy, self.state, self.file = strategy, state, file  # not `name`: that is the strategy's
-
-    def save_checkpoint(self, path, async_save: bool = False):
-        torch.save(self.state, Path(path) / self.file)
-        return self.strategy.save_checkpoint(path, async_save=async_save)
-
-    def __getattr__(self, name):
-        return getattr(self.strategy, name)
-
-
 # ---------------------------------------------------------------- validation
 
 
@@ -347,3 +337,21 @@ class EvalStream:
                                   "use a longer validation stream or fewer processes")
             else:
                 yield first[0], first[1], False
+
+
+# ---------------------------------------------------------------- the one entry for both kinds
+
+
+def train_data(dataset, sizes, rank: int, cfg, collate, device):
+    """The training data the loop holds: a stream (StreamData) or a map-style set (data.MapData),
+    which answer the same calls."""
+    if is_stream(dataset):
+        return StreamData(dataset, sizes, rank, cfg.data.num_workers, collate, device.type == "cuda",
+                          cfg.data.prefetch_factor)
+    return MapData(dataset, sizes, rank, cfg.data, cfg.train.seed, collate)
+
+
+def eval_data(dataset, batch_size: int, rank: int, world_size: int, num_workers: int, collate):
+    """(batch, samples, counts) for this rank's share of the validation set, stream or map-style."""
+    kind = EvalStream if is_stream(dataset) else EvalLoader
+    return kind(dataset, batch_size, rank, world_size, num_workers, collate)

@@ -17,6 +17,8 @@ import threading
 import time
 import traceback
 
+from .errors import exit_now
+
 COLLECTIVE_GRACE_S = 30.0
 PHASES = ("data", "forward", "backward", "optimizer", "logging", "validation")
 DESCRIBE = {
@@ -122,6 +124,4 @@ class Watchdog:
 
 
 def _exit(code: int) -> None:
-    from .cli import exit_now
-
     exit_now(code)

@@ -85,3 +85,60 @@ def max_rel(a: list[float], b: list[float]) -> float:
     """The largest relative difference of b from a, element by element (a is the reference)."""
     assert len(a) == len(b)
     return max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a, b))
+
+
+# ---------------------------------------------------------------- what a trained strategy holds (in a worker)
+
+
+def local_numel(strategy) -> dict[str, int]:
+    """Elements this rank holds: the parameters (its shards under FSDP, its partition under ZeRO-3)
+    and the optimizer state (partitioned under ZeRO 1-3, padded to equal partitions)."""
+    import torch
+
+    def local(t):
+        return t.to_local() if hasattr(t, "to_local") else t
+
+    module = strategy.engine.module if getattr(strategy, "engine", None) is not None else strategy.model
+    params = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else local(p).numel() for p in module.parameters())
+    optim = sum(local(v).numel() for s in strategy.optimizer.state.values()
+                for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
+    return {"params": params, "optim": optim}
+
+
+def full_state_dict(strategy) -> dict:
+    """Full, unsharded fp32 weights on CPU under the module's own names (a collective)."""
+    if getattr(strategy, "engine", None) is not None:
+        return deepspeed_full_state_dict(strategy)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(strategy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def deepspeed_full_state_dict(strategy) -> dict:
+    """ZeRO keeps fp32 master weights in its partitions: each trainable parameter is gathered from
+    there; parameters outside the optimizer (frozen ones) come from the module, gathered under ZeRO-3."""
+    import deepspeed
+    import torch
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    entries = strategy.engine.module.state_dict(keep_vars=True)
+    gather = strategy.zero_stage == 3 or strategy.precision.name != "fp32"
+    full = {}
+    for tensor in entries.values():
+        if id(tensor) in full or not isinstance(tensor, torch.nn.Parameter):
+            continue
+        value = safe_get_full_fp32_param(tensor) if gather else None  # collective; same order on every rank
+        if value is None:
+            if hasattr(tensor, "ds_id"):  # a ZeRO-3 parameter outside the optimizer
+                with deepspeed.zero.GatheredParameters([tensor]):
+                    value = tensor.detach().clone()
+            else:  # ZeRO 0-2: every rank holds the full parameter
+                value = tensor.detach()
+        full[id(tensor)] = value
+    out = {}
+    for name, tensor in entries.items():
+        value = full.get(id(tensor), tensor.detach() if torch.is_tensor(tensor) else tensor)
+        if torch.is_tensor(value):
+            value = (value.float() if value.is_floating_point() else value).cpu().clone()
+        out[name] = value
+    return out

@@ -135,7 +135,7 @@ def test_what_may_change_before_the_step_is_copied_before_save_returns(tmp_path,
     device = torch.device("cpu")
     strategy = SingleStrategy(cfg, DistEnv("single"), device, Precision("fp32", device))
     torch.manual_seed(0)
-    strategy.setup(Normed(buffers), lambda m: torch.optim.AdamW(m.parameters(), lr=0.1))
+    strategy.setup(Normed(buffers), lambda m: (torch.optim.AdamW(m.parameters(), lr=0.1), None))
     strategy.model(torch.randn(8, 4)).sum().backward()
     strategy.step()
     before = {k: v.clone() for k, v in strategy.model.state_dict().items()}

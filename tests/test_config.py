@@ -110,14 +110,14 @@ def test_shipped_configs_validate():
 def test_missing_optional_dependency_names_the_extra(tmp_path, monkeypatch, override, module):
     import importlib.util
 
-    from launcher import cli
+    from launcher import preflight
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
     cfg = load_config(write_config(tmp_path / "c.yaml", {"recipe": {"name": "recipes.digits"},
                                                          "run_dir": str(tmp_path / "r")}), [override])
     with pytest.raises(ConfigError) as e:
-        cli.check_inputs(cfg, 2, "c.yaml")
+        preflight.check_inputs(cfg, 2, "c.yaml")
     assert f"pip install 'launcher[{module}]'" in str(e.value)
 
 

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from launcher.data import BatchPlan, ShardedSampler, eval_batches
+from launcher.batch import BatchSizes
+from launcher.data import ShardedSampler, eval_batches
 from launcher.env import detect, first_host, slurm_port
 
 TORCHRUN = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1",
@@ -59,12 +60,12 @@ def rank_indices(plan, rank, epoch=0, start_step=0, shuffle=True, seed=0):
 @pytest.mark.parametrize("world, micro", [(1, 8), (2, 4), (4, 2), (2, 1)])
 def test_shards_are_disjoint_cover_and_give_each_step_the_same_global_batch(world, micro):
     n, G = 103, 16
-    plan = BatchPlan(G, micro, world, n, "drop")
+    plan = BatchSizes(G, micro, world, n, "drop")
     shards = [rank_indices(plan, r) for r in range(world)]
     flat = [i for s in shards for i in s]
     assert len(flat) == len(set(flat)) == plan.steps_per_epoch * G  # disjoint; the tail of 103 % 16 = 7 dropped
     # Step k covers the same samples whatever the world size and micro batch.
-    reference = rank_indices(BatchPlan(G, G, 1, n), 0)
+    reference = rank_indices(BatchSizes(G, G, 1, n), 0)
     per_rank = plan.per_rank_step
     for k in range(plan.steps_per_epoch):
         step_samples = {i for s in shards for i in s[k * per_rank:(k + 1) * per_rank]}
@@ -72,15 +73,15 @@ def test_shards_are_disjoint_cover_and_give_each_step_the_same_global_batch(worl
 
 
 def test_tail_wrap_sees_every_sample():
-    plan = BatchPlan(16, 8, 2, 103, "wrap")
+    plan = BatchSizes(16, 8, 2, 103, "wrap")
     flat = rank_indices(plan, 0) + rank_indices(plan, 1)
     assert plan.steps_per_epoch == 7 and len(flat) == 112 and set(flat) == set(range(103))
-    tiny = BatchPlan(64, 32, 1, 10, "wrap")  # a global batch of more than twice the data set
+    tiny = BatchSizes(64, 32, 1, 10, "wrap")  # a global batch of more than twice the data set
     assert len(rank_indices(tiny, 0)) == len(ShardedSampler(tiny, 0, 0, True)) == 64
 
 
 def test_reshuffled_each_epoch_and_seeded():
-    plan = BatchPlan(8, 4, 2, 64)
+    plan = BatchSizes(8, 4, 2, 64)
     assert rank_indices(plan, 0, epoch=0) != rank_indices(plan, 0, epoch=1)
     assert rank_indices(plan, 0, epoch=1) == rank_indices(plan, 0, epoch=1)
     assert rank_indices(plan, 0, seed=1) != rank_indices(plan, 0, seed=0)
@@ -88,7 +89,7 @@ def test_reshuffled_each_epoch_and_seeded():
 
 
 def test_start_step_resumes_mid_epoch():
-    plan = BatchPlan(8, 2, 2, 64)
+    plan = BatchSizes(8, 2, 2, 64)
     full = rank_indices(plan, 1, epoch=3)
     assert rank_indices(plan, 1, epoch=3, start_step=5) == full[5 * plan.per_rank_step:]
 
@@ -99,7 +100,7 @@ def test_same_order_with_dataloader_workers():
     from launcher.data import train_loader
 
     data = TensorDataset(torch.arange(64))
-    plan = BatchPlan(8, 4, 2, 64)
+    plan = BatchSizes(8, 4, 2, 64)
     orders = []
     for workers in (0, 2):
         loader = train_loader(data, plan, 1, 0, True, workers, None, False)

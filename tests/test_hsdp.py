@@ -258,7 +258,7 @@ def test_bad_replicate_exits_2_before_any_worker(tmp_path):
 
 def test_nodes_is_checked_where_the_node_count_is_known(tmp_path, monkeypatch):
     """A worker (torchrun's variables) resolves nodes = W / its node's processes; uneven nodes are bad input."""
-    from launcher.cli import check_inputs
+    from launcher.preflight import check_inputs
     from launcher.config import ConfigError, validate
 
     cfg = validate(config(tmp_path / "r", replicate="nodes", train={"global_batch_size": 24}), "test")

@@ -91,3 +91,25 @@ def test_under_every_strategy_the_numbers_equal_one_process(tmp_path, strategy):
     for a, b in zip(one[1], two[1]):
         for key in ("val_loss", "val_acc", "val_n_sum"):
             assert b[key] == pytest.approx(a[key], rel=1e-5), key
+
+
+@pytest.mark.parametrize("strategy", [{"strategy": "single"}, {"strategy": "deepspeed", "deepspeed": {"zero_stage": 2}}],
+                         ids=["single", "zero2"])
+def test_hooks_before_the_step_see_the_weights_before_the_update(tmp_path, strategy):
+    """Lightning's order under every strategy: on_before_optimizer_step and on_before_zero_grad come
+    before the update. Under ZeRO the norm and the clipping happen inside DeepSpeed's step, and still
+    nothing changes the weights before step()."""
+    if strategy["strategy"] == "deepspeed":
+        pytest.importorskip("deepspeed")
+    record = tmp_path / "hooks.jsonl"
+    cfg = digits_config(tmp_path / "run", recipe={"name": "toy_recipes.hook_order", "record_to": str(record)},
+                        train={"max_steps": 3, "grad_clip": 1.0, "log_every_steps": 1}, **strategy)
+    check(run(["run", write_config(tmp_path / "c.yaml", cfg)]))
+    calls = [json.loads(line) for line in record.read_text().splitlines()]
+    names = [c["hook"] for c in calls]
+    assert names == ["on_train_batch_start", "on_before_optimizer_step", "on_before_zero_grad"] * 3
+    for k in range(3):
+        start, before_step, before_zero = (c["weights"] for c in calls[3 * k : 3 * k + 3])
+        assert before_step == start and before_zero == start  # nothing updated before step()
+        if k < 2:
+            assert calls[3 * k + 3]["weights"] != start  # the update did happen, after the hooks

@@ -251,8 +251,8 @@ def test_the_wandb_run_ends_as_the_training_did(tmp_path, monkeypatch, ending, e
         try:
             if ending is not None:
                 raise ending
-        finally:  # as the trainer closes its loggers
-            loggers.close()
+        finally:  # as the trainer closes its loggers: saying how the training ended
+            loggers.close(ending)
     except (RuntimeError, Stopped):
         pass
     assert fake.finished == exit_code

@@ -272,7 +272,7 @@ def test_export_deepspeed_checkpoint(worker, tmp_path, name, recipe):
 def test_deepspeed_config_is_ours_with_the_users_json_merged_last(tmp_path):
     """No DeepSpeed needed: the config DeepSpeedStrategy hands to deepspeed.initialize."""
     from launcher.config import ConfigError, validate
-    from launcher.data import BatchPlan
+    from launcher.batch import BatchSizes
     from launcher.strategies.deepspeed import ds_config as generated
 
     def ds_config(user: dict | None, **deepspeed):
@@ -281,7 +281,7 @@ def test_deepspeed_config_is_ours_with_the_users_json_merged_last(tmp_path):
         cfg = validate({"recipe": {"name": "recipes.digits"}, "strategy": "deepspeed", "precision": "bf16",
                         "train": {"global_batch_size": 32, "micro_batch_size": 4, "grad_clip": 1.0},
                         "deepspeed": {**deepspeed, "config": str(path) if user else None}}, "test")
-        return generated(cfg, BatchPlan(32, 4, 2, 1000), cuda=False)
+        return generated(cfg, BatchSizes(32, 4, 2, 1000), cuda=False)
 
     ds = ds_config(None, zero_stage=1)
     batch = (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"])
@@ -312,6 +312,7 @@ def worker_main(spec_path: str) -> None:
     """Train each job with the real Trainer, then record what the strategy reports."""
     import torch.distributed as dist
 
+    from helpers import full_state_dict, local_numel
     from launcher import env as env_mod
     from launcher.config import validate
     from launcher.recipe import Recipe
@@ -330,8 +331,8 @@ def worker_main(spec_path: str) -> None:
         initial = {k: v.detach().clone() for k, v in reference.state_dict().items()}
         trainer = Trainer(cfg, env, device)
         trainer.fit()
-        numel = trainer.strategy.local_numel()
-        final = trainer.strategy.full_state_dict()  # a collective
+        numel = local_numel(trainer.strategy)
+        final = full_state_dict(trainer.strategy)  # a collective
         per_rank = [numel]
         if dist.is_initialized() and dist.get_world_size() > 1:
             per_rank = [None] * dist.get_world_size()

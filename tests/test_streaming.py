@@ -16,7 +16,7 @@ from torch.utils.data import IterableDataset
 
 from helpers import check, metrics, run, write_config
 from launcher import stream
-from launcher.data import BatchPlan
+from launcher.batch import BatchSizes
 
 LOSS_RTOL = 1e-5
 
@@ -233,7 +233,7 @@ class StatefulPositions(Positions):
 
 
 def reader_steps(dataset, r, W, A, M, workers=0, **kw):
-    plan = BatchPlan(A * M * W, M, W, 0)
+    plan = BatchSizes(A * M * W, M, W, 0)
     per_step = plan.per_rank_step if stream.shards_by_rank(dataset) else plan.global_batch
     reader = stream.Reader(dataset, r, W, per_step, M, None, whole=True, **kw)
     units = list(stream.loader(reader, workers))

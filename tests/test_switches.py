@@ -24,7 +24,8 @@ import torch
 
 from helpers import check, digits_config, losses, max_rel, metrics, outcome, reraise, run, write_config
 from launcher.config import ConfigError, load_config, validate
-from launcher.data import BatchPlan, train_loader
+from launcher.batch import BatchSizes
+from launcher.data import train_loader
 from launcher.env import DistEnv
 from launcher.optim import build_optimizer, implementation
 from launcher.precision import Precision
@@ -52,7 +53,7 @@ def gpt_strategy(**train) -> tuple[Recipe, SingleStrategy]:
     recipe = Recipe.load(cfg.recipe)
     torch.manual_seed(0)
     strategy = SingleStrategy(cfg, DistEnv("single"), CPU, Precision("fp32", CPU), None, recipe.shard_units)
-    strategy.setup(recipe.build_model(), lambda model: build_optimizer(cfg.optim, model))
+    strategy.setup(recipe.build_model(), lambda model: (build_optimizer(cfg.optim, model), None))
     return recipe, strategy
 
 
@@ -90,8 +91,11 @@ def test_activation_checkpointing_gives_the_same_losses_and_gradients_from_fewer
 
 
 def test_activation_checkpointing_needs_shard_units(tmp_path):
+    from launcher.preflight import check_inputs
+
+    cfg = write_config(tmp_path / "c.yaml", digits_config(tmp_path / "run", train={"activation_checkpointing": True}))
     with pytest.raises(ConfigError, match="activation_checkpointing=true needs shard units"):
-        train_in_process(tmp_path, "run", train={"activation_checkpointing": True})  # an MLP: no ModuleList
+        check_inputs(load_config(cfg), 1, "c.yaml")  # an MLP: no ModuleList
 
 
 # ---------------------------------------------------------------- optimizer implementations
@@ -172,7 +176,7 @@ def test_workers_load_the_same_batches_across_epochs_and_resumes():
     from torch.utils.data import TensorDataset
 
     data = TensorDataset(torch.arange(100))
-    plan = BatchPlan(8, 4, 2, 100)
+    plan = BatchSizes(8, 4, 2, 100)
 
     def batches(workers, **kwargs):
         loader = train_loader(data, plan, 1, 0, True, workers, None, "auto", **kwargs)
@@ -201,7 +205,7 @@ def test_workers_give_the_same_losses(tmp_path):
 def test_pin_memory_is_for_cuda():
     from torch.utils.data import TensorDataset
 
-    data, plan = TensorDataset(torch.arange(8)), BatchPlan(8, 8, 1, 8)
+    data, plan = TensorDataset(torch.arange(8)), BatchSizes(8, 8, 1, 8)
     assert not train_loader(data, plan, 0, 0, True, 0, None, "auto").pin_memory
     with pytest.raises(ConfigError, match="data.pin_memory=true needs CUDA"):
         train_loader(data, plan, 0, 0, True, 0, None, True)
@@ -219,15 +223,17 @@ def test_ddp_options_reach_ddp(monkeypatch):
 
     def wrap(accumulation, **ddp):
         cfg = validate({"recipe": {"name": "recipes.digits"}, "strategy": "ddp", "ddp": ddp}, "test")
-        plan = BatchPlan(16, 8 // accumulation, 2, 100)
+        plan = BatchSizes(16, 8 // accumulation, 2, 100)
         ddp_mod.DDPStrategy(cfg, DistEnv("single"), CPU, Precision("fp32", CPU), plan).wrap(torch.nn.Linear(2, 2))
 
     wrap(1)
     assert seen == {"device_ids": None, "bucket_cap_mb": 25, "static_graph": False, "gradient_as_bucket_view": True}
     wrap(1, bucket_cap_mb=1.5, static_graph=True, gradient_as_bucket_view=False)
     assert seen == {"device_ids": None, "bucket_cap_mb": 1.5, "static_graph": True, "gradient_as_bucket_view": False}
+    cfg = validate({"recipe": {"name": "recipes.digits"}, "strategy": "ddp", "ddp": {"static_graph": True}}, "test")
+    ddp_mod.DDPStrategy.check(cfg, BatchSizes(16, 8, 2, 100), 2, None)  # no accumulation: fine
     with pytest.raises(ConfigError, match="static_graph=true cannot be combined with gradient accumulation"):
-        wrap(2, static_graph=True)
+        ddp_mod.DDPStrategy.check(cfg, BatchSizes(16, 4, 2, 100), 2, None)
 
 
 def test_fsdp_prefetch_lists():
@@ -258,7 +264,7 @@ def test_compile_with_deepspeed_is_bad_input():
 
     cfg = validate({"recipe": {"name": "recipes.digits"}, "strategy": "deepspeed", "train": {"compile": True}}, "t")
     with pytest.raises(ConfigError, match="train.compile=true is not supported with strategy=deepspeed"):
-        ds_config(cfg, BatchPlan(64, 32, 2, 1000), cuda=False)
+        ds_config(cfg, BatchSizes(64, 32, 2, 1000), cuda=False)
 
 
 # ---------------------------------------------------------------- on 2 processes, and compile

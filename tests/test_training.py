@@ -173,8 +173,8 @@ def test_validation_runs_the_model_once_per_batch_with_eval_step(tmp_path, recip
     trainer = Trainer(load_config(cfg), DistEnv("single"), torch.device("cpu"))
     calls = []
     trainer.strategy.eval_model.register_forward_hook(lambda *args: calls.append(1))
-    trainer.validate(0)
+    trainer.evaluate(0)
     val = metrics(tmp_path / "run")[1][0]
-    batches = math.ceil(len(trainer.val_set) / 50)
+    batches = math.ceil(len(trainer.evaluator.val_set) / 50)
     assert len(calls) == forwards_per_batch * batches
     assert math.isfinite(val["val_loss"]) and "accuracy" in val

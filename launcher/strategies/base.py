@@ -1,12 +1,12 @@
 """The interface the trainer holds. It never asks which strategy it has.
 
-A strategy owns the wrapped model, the optimizer and the gradient scaler. The
-trainer calls, per optimizer step:
+A strategy owns the wrapped model, the optimizer and the gradient scaler, and checks its own
+config before any worker starts (`check`). The trainer calls, per optimizer step:
 
     for each micro-batch:  with no_sync() (all but the last):  backward(loss)
-    scale_grads(f)   # only for (total, count) losses
-    norm = clip_grad_norm(max_norm)
-    step()  -> False when the fp16 scaler skipped the step for overflow
+    scale_grads(f)                         # only for (total, count) losses
+    norm = clip_grad_norm(max_norm)        # clips, nothing else (where a norm is wanted)
+    step(found_inf, norm)                  # the update, unless a gradient is not finite
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..precision import Precision
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
@@ -28,10 +28,10 @@ class Strategy:
     name = "base"
     uses_torch_scaler = True  # fp16 through torch.amp.GradScaler (DeepSpeed brings its own)
 
-    def __init__(self, cfg, env, device: torch.device, precision: Precision, plan=None,
+    def __init__(self, cfg, env, device: torch.device, precision: Precision, sizes=None,
                  shard_units: Callable[[nn.Module], list[nn.Module]] | None = None):
         self.cfg, self.env, self.device, self.precision = cfg, env, device, precision
-        self.plan, self.shard_units = plan, shard_units or default_shard_units
+        self.sizes, self.shard_units = sizes, shard_units or default_shard_units
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self._checkpoint_group = None
@@ -39,13 +39,26 @@ class Strategy:
         self._params: list[torch.Tensor] | None = None
         self._one: torch.Tensor | None = None
 
+    # ------------------------------------------------------------ checks, before any worker
+
+    @classmethod
+    def check(cls, cfg, sizes, world_size: int, local_world_size: int | None) -> None:
+        """Raise ConfigError for what this strategy cannot run with this config, batch sizes and
+        world size. Called once, before any worker starts; the workers do not check again.
+        local_world_size: the processes on this node, or None where it is not known yet (the
+        process that starts a node's workers)."""
+        if cfg.fsdp.replicate != 1:
+            raise ConfigError(f"fsdp.replicate={cfg.fsdp.replicate} (HSDP) needs strategy=fsdp, and this run's "
+                              f"strategy is {cls.name}: set strategy=fsdp, or leave fsdp.replicate out")
+
     # ------------------------------------------------------------ set-up
 
-    def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
+    def setup(self, model: nn.Module, make_optimizer: OptimizerFactory):
         """Checkpoint and compile the units, wrap the model, then build the optimizer over the wrapped
-        parameters."""
+        parameters. make_optimizer returns (optimizer, schedule or None); setup returns the schedule."""
         self.model = self.wrap(self.prepare(model.to(self.device)))
-        self.optimizer = make_optimizer(self.model)
+        self.optimizer, schedule = make_optimizer(self.model)
+        return schedule
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """train.activation_checkpointing, then train.compile, on each outermost shard unit, in place
@@ -55,8 +68,7 @@ class Strategy:
         if not (t.activation_checkpointing or t.compile):
             return model
         units = outermost([u for u in self.shard_units(model) if u is not model])
-        if t.activation_checkpointing:
-            check_checkpoint_units(units)
+        if t.activation_checkpointing:  # units there are: checked before any worker (check_checkpoint_units)
             for unit in units:
                 checkpoint_forward(unit)
         if t.compile:
@@ -108,7 +120,7 @@ class Strategy:
             torch._foreach_mul_(grads, factor)
 
     def clip_grad_norm(self, max_norm: float | None) -> torch.Tensor:
-        """Unscale (fp16), clip if max_norm is set, and return the total norm."""
+        """Unscale (fp16), clip if max_norm is set, and return the total norm, the same on every rank."""
         if self.precision.scaler:
             self.precision.scaler.unscale_(self.optimizer)
         if max_norm:
@@ -117,26 +129,37 @@ class Strategy:
 
     @property
     def skips_on_device(self) -> bool:
-        """Can step(found_inf) skip the update without the host reading the flag? The fused
-        torch optimizers can: their kernels leave weights and state alone where it is set."""
-        return bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
+        """Can step() skip a non-finite update without the host reading the flag? The fused torch
+        optimizers can (their kernels leave weights and state alone where found_inf is set); not
+        under the fp16 scaler, which reads its own flag."""
+        return self.precision.scaler is None and bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
 
-    def step(self, found_inf: torch.Tensor | None = None) -> bool:
-        """Apply the update; with found_inf (only where skips_on_device), skip it on the device
-        when the flag is set. Returns False when the fp16 scaler skipped the step."""
+    def step(self, found_inf: torch.Tensor | None = None, norm: torch.Tensor | None = None) -> bool:
+        """Apply the update and clear the gradients, unless some gradient is not finite: then set
+        `found_inf` (a zeroed float flag on the device) to 1, on every rank alike, and leave the
+        weights and the optimizer state as they are. `norm`: clip_grad_norm's result, if it was
+        called this step (the flag then comes from it). Returns False only when the fp16 loss scaler
+        skipped the step (an overflow it handles itself, not an error; found_inf stays 0)."""
         scaler = self.precision.scaler
-        applied = True
+        if found_inf is None:  # a caller that does not keep the flag
+            found_inf = torch.zeros((), device=self.device)
         if scaler:
             before = scaler.get_scale()
             scaler.step(self.optimizer)
             scaler.update()
-            applied = scaler.get_scale() >= before  # the scale drops exactly when a step was skipped
+            self.zero_grad()
+            return scaler.get_scale() >= before  # the scale drops exactly when a step was skipped
+        if norm is not None:
+            found_inf.copy_(nonfinite(norm))
         else:
-            if found_inf is not None:
-                self.optimizer.found_inf = found_inf  # read by the fused kernels' step (a float flag)
+            self.flag_nonfinite(found_inf)
+        if self.skips_on_device:
+            self.optimizer.found_inf = found_inf  # read by the fused kernels' step (a float flag)
+            self.optimizer.step()
+        elif not found_inf.item():  # the one host read a step of an optimizer that cannot skip on the device
             self.optimizer.step()
         self.zero_grad()
-        return applied
+        return True
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -207,19 +230,6 @@ class Strategy:
         if self._stager is not None:  # its thread and host buffers
             self._stager.close()
             self._stager = None
-
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full, unsharded weights on CPU (a collective; meaningful on rank 0)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-    def local_numel(self) -> dict[str, int]:
-        """Elements this rank holds: parameters and optimizer state (for memory tests and plan)."""
-        params = sum(local_tensor(p).numel() for p in self.model.parameters())
-        optim = sum(local_tensor(v).numel() for s in self.optimizer.state.values()
-                    for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
-        return {"params": params, "optim": optim}
 
 
 def staging_options(device: torch.device):

@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..env import ensure_process_group
 from .base import Strategy
 
@@ -12,9 +12,19 @@ from .base import Strategy
 class DDPStrategy(Strategy):
     name = "ddp"
 
+    @classmethod
+    def check(cls, cfg, sizes, world_size: int, local_world_size: int | None) -> None:
+        super().check(cfg, sizes, world_size, local_world_size)
+        # torch's static-graph reducer under no_sync: an internal assert on the first backward,
+        # or (where that is avoided) gradients no longer all-reduced after the first step.
+        if cfg.ddp.static_graph and sizes.accumulation > 1:
+            raise ConfigError(
+                f"ddp.static_graph=true cannot be combined with gradient accumulation (here {sizes.accumulation} "
+                "micro-steps a step): torch's DistributedDataParallel mishandles static_graph under no_sync. Set "
+                "ddp.static_graph=false, or train.micro_batch_size to global_batch_size / processes")
+
     def wrap(self, model: nn.Module) -> nn.Module:
         ddp = self.cfg.ddp
-        check_static_graph(self.cfg, self.plan)
         ensure_process_group(self.device)  # strategy=ddp on one process: a group of one
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids, bucket_cap_mb=ddp.bucket_cap_mb,
@@ -29,13 +39,3 @@ class DDPStrategy(Strategy):
 
     def no_sync(self):
         return self.model.no_sync()
-
-
-def check_static_graph(cfg, plan) -> None:
-    # torch's static-graph reducer under no_sync: an internal assert on the first backward,
-    # or (where that is avoided) gradients no longer all-reduced after the first step.
-    if cfg.ddp.static_graph and plan is not None and plan.accumulation > 1:
-        raise ConfigError(
-            f"ddp.static_graph=true cannot be combined with gradient accumulation (here {plan.accumulation} "
-            "micro-steps a step): torch's DistributedDataParallel mishandles static_graph under no_sync. Set "
-            "ddp.static_graph=false, or train.micro_batch_size to global_batch_size / processes")

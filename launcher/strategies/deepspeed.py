@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO (stages 0-3) behind the launcher's Strategy interface.
 
 DeepSpeed is an optional dependency, imported only when this strategy is built
-(launcher/cli.py checks it is installed before any worker starts).
+(`DeepSpeedStrategy.check` finds it installed before any worker starts).
 
 How the trainer's calls map onto the engine:
 
@@ -28,16 +28,16 @@ How the trainer's calls map onto the engine:
   gradients by exactly `f` before the norm, the clipping and the update, on every
   stage and with optimizer offload, and leaves the fp16 dynamic scaler's own
   state untouched. Stage 0 scales `param.grad` directly.
-- clip_grad_norm(max): under ZeRO 1-3 the norm, the clipping (DeepSpeed's
-  `gradient_clipping` = train.grad_clip) and the update happen together in
-  `engine.step()`; so this call runs `engine.step()` and returns the norm
-  DeepSpeed computed (before clipping, over the whole model, the same on every
-  rank). step() then only reports whether the update was applied (False when
-  DeepSpeed skipped it for a non-finite gradient or an fp16 overflow). A
-  non-finite gradient is thus already skipped by DeepSpeed when the trainer sees
-  the infinite norm: consistent with train.on_nonfinite=skip, and with =stop the
-  run stops as usual. Stage 0 (plain data parallelism) keeps the torch order:
-  norm and clip here, update in step().
+- clip_grad_norm(max) and step(): under ZeRO 1-3 the norm and the clipping
+  (DeepSpeed's `gradient_clipping` = train.grad_clip) happen inside
+  `engine.step()`, over the gradient partitions only the engine can reach. So
+  clip_grad_norm only asks for the norm: it returns a tensor that step() fills
+  with the norm DeepSpeed computed (before clipping, over the whole model, the
+  same on every rank); nothing is updated before step(), so every hook between
+  the two sees the weights before the update. step() runs `engine.step()`; where
+  DeepSpeed skipped the update for a non-finite gradient (not an fp16 overflow)
+  it sets found_inf, as the other strategies do. Stage 0 (plain data
+  parallelism) keeps the torch order: norm and clip in clip_grad_norm.
 - checkpoints are DeepSpeed's own layout, written by `engine.save_checkpoint`
   into the launcher's `.tmp` directory (tag = its name; DeepSpeed stores no path
   in the files, so the rename afterwards is safe). Saves are synchronous.
@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import json
 import logging
 import os
@@ -55,9 +56,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..env import ensure_process_group
-from .base import OptimizerFactory, Strategy
+from .base import OptimizerFactory, Strategy, nonfinite
 
 # Keys whose values come from the launcher's batch plan; a user JSON may not contradict them.
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
@@ -91,8 +92,8 @@ def deep_merge(base: dict, override: dict) -> dict:
 def ds_config(cfg, plan, cuda: bool) -> dict:
     """DeepSpeed's config from ours, then the user's JSON (deepspeed.config) merged over it.
 
-    Raises ConfigError for combinations DeepSpeed or the launcher cannot run; cli.py
-    calls this before any worker starts.
+    Raises ConfigError for combinations DeepSpeed or the launcher cannot run;
+    DeepSpeedStrategy.check calls this before any worker starts.
     """
     ds = cfg.deepspeed
     if cfg.train.compile:
@@ -160,20 +161,36 @@ class DeepSpeedStrategy(Strategy):
         self.engine = None
         self.zero_stage = None
         self._grad_factor: torch.Tensor | None = None
-        self._applied: bool | None = None
+        self._norm: torch.Tensor | None = None  # where step() writes ZeRO's norm
+
+    @classmethod
+    def check(cls, cfg, sizes, world_size: int, local_world_size: int | None) -> None:
+        super().check(cfg, sizes, world_size, local_world_size)
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError("deepspeed is not installed, but the config asks for it: "
+                              "pip install 'launcher[deepspeed]' (or pip install deepspeed)")
+        if cfg.precision == "fp16" and not torch.cuda.is_available():
+            raise ConfigError("precision=fp16 with strategy=deepspeed needs a GPU: DeepSpeed has no fp16 on the CPU. "
+                              "Use precision=bf16 (or fp32), or another strategy")
+        if cfg.checkpoint.async_save:
+            raise ConfigError("checkpoint.async=true is not available with strategy=deepspeed: DeepSpeed writes its "
+                              "checkpoints synchronously. Set checkpoint.async=false")
+        if cfg.deepspeed.config and not Path(cfg.deepspeed.config).is_file():
+            raise ConfigError(f"deepspeed.config={cfg.deepspeed.config}: no such file")
+        ds_config(cfg, sizes, cuda=False)  # raises for what DeepSpeed cannot run
 
     # ------------------------------------------------------------ set-up
 
-    def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
+    def setup(self, model: nn.Module, make_optimizer: OptimizerFactory):
         deepspeed = import_deepspeed()
-        config = ds_config(self.cfg, self.plan, cuda=self.device.type == "cuda")
+        config = ds_config(self.cfg, self.sizes, cuda=self.device.type == "cuda")
         self.zero_stage = int(config["zero_optimization"].get("stage", 0))
         ensure_process_group(self.device)
         for key, value in (("LOCAL_RANK", self.env.local_rank), ("RANK", self.env.rank),
                            ("WORLD_SIZE", self.env.world_size)):
             os.environ.setdefault(key, str(value))  # DeepSpeed reads these; a plain one-process run lacks them
         model = self.prepare(model.to(self.device))  # activation checkpointing (compile is refused in ds_config)
-        optimizer = make_optimizer(model)  # over the plain module's parameters, before DeepSpeed wraps them
+        optimizer, schedule = make_optimizer(model)  # over the plain module's parameters, before DeepSpeed wraps them
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
                                                dist_init_required=False)
         engine.set_gradient_accumulation_boundary(True)  # we say where the boundaries are (no_sync)
@@ -181,6 +198,7 @@ class DeepSpeedStrategy(Strategy):
         # ZeRO keeps the torch optimizer and its param_groups (the params replaced by fp32
         # partitions): its "lr" is what the update uses. Stage 0 steps it as it is.
         self.optimizer = optimizer
+        return schedule
 
     @property
     def eval_model(self) -> nn.Module:
@@ -211,20 +229,44 @@ class DeepSpeedStrategy(Strategy):
             self._grad_factor = factor  # applied inside the ZeRO step: see the module docstring
 
     def clip_grad_norm(self, max_norm: float | None) -> torch.Tensor:
+        """Stage 0: torch's clipping. ZeRO 1-3 clip inside their step (gradient_clipping): the tensor
+        returned holds the norm once step() has run (see the module docstring)."""
         if self.zero_stage == 0:
             return super().clip_grad_norm(max_norm)
-        self._applied = self._zero_step()
-        norm = self.engine.get_global_grad_norm()
-        if norm is None:  # zero_optimization.compute_grad_norm=false in the user's JSON
-            return torch.full((), float("nan"), device=self.device)
-        return torch.as_tensor(norm, dtype=torch.float32).to(self.device).reshape(())
+        self._norm = torch.full((), float("nan"), device=self.device)
+        return self._norm
 
-    def _zero_step(self) -> bool:
-        """engine.step() with this step's gradient factor folded into the ZeRO optimizer's loss scale."""
+    @property
+    def skips_on_device(self) -> bool:
+        return False  # the engine steps, and reads its overflow flag, itself
+
+    def step(self, found_inf: torch.Tensor | None = None, norm: torch.Tensor | None = None) -> bool:
+        """engine.step(), with this step's gradient factor folded into the ZeRO optimizer's loss scale.
+        A step DeepSpeed skipped is an fp16 overflow (False) or, without fp16, a non-finite gradient
+        (found_inf set)."""
+        if found_inf is None:
+            found_inf = torch.zeros((), device=self.device)
+        if self.zero_stage == 0:
+            if norm is None:
+                norm = super().clip_grad_norm(None)
+            found_inf.copy_(nonfinite(norm))
+            if not found_inf.item():  # DeepSpeed's stage-0 step has no skip of its own without fp16
+                self.engine.step()
+            self.zero_grad()
+            return True
         factor, self._grad_factor = self._grad_factor, None
         with self._gradient_factor(factor):
             self.engine.step()
-        return bool(self.engine.was_step_applied())
+        applied = bool(self.engine.was_step_applied())
+        if self._norm is not None:
+            ds_norm = self.engine.get_global_grad_norm()  # None: compute_grad_norm=false in the user's JSON
+            if ds_norm is not None:
+                self._norm.copy_(torch.as_tensor(ds_norm, dtype=torch.float32).reshape(()))
+            self._norm = None
+        if self.precision.name == "fp16":
+            return applied
+        found_inf.fill_(float(not applied))
+        return True
 
     @contextlib.contextmanager
     def _gradient_factor(self, factor: torch.Tensor | None):
@@ -246,16 +288,6 @@ class DeepSpeedStrategy(Strategy):
         finally:
             opt.custom_loss_scaler, opt.external_loss_scale = saved
 
-    def step(self) -> bool:
-        if self.zero_stage == 0:
-            self.engine.step()
-            return bool(self.engine.was_step_applied())
-        applied, self._applied = self._applied, None
-        if applied is None:
-            raise RuntimeError("DeepSpeedStrategy.step() without clip_grad_norm(): under ZeRO the engine steps "
-                               "in clip_grad_norm, where it computes the norm")
-        return applied
-
     def zero_grad(self) -> None:
         # ZeRO clears (or, on overflow, discards) its gradient partitions in its own step.
         self.engine.zero_grad()
@@ -275,66 +307,12 @@ class DeepSpeedStrategy(Strategy):
         return None
 
     def load_checkpoint(self, path) -> None:
-        path = Path(path)
-        saved_ranks = len(list(path.glob("*zero_pp_rank_*_optim_states.pt")))
-        world = self.engine.dp_world_size
-        if saved_ranks and saved_ranks != world:
-            raise ConfigError(
-                f"{path} is a DeepSpeed ZeRO checkpoint of {saved_ranks} ranks, and DeepSpeed cannot re-partition "
-                f"its optimizer state for {world}: resume with {saved_ranks} processes (--nproc {saved_ranks}), "
-                "or start afresh with checkpoint.resume=never"
-            )
+        path = Path(path)  # of this world size: checkpoint.resume_from refuses another
         loaded, _ = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True,
                                                 load_optimizer_states=True, load_lr_scheduler_states=False)
         if loaded is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {path}")
         self.engine.set_gradient_accumulation_boundary(True)
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The full weights under the module's own names (tied ones under each name), fp32 where
-        the parameter is floating point, on CPU, on every rank. A collective: all ranks call it.
-
-        ZeRO keeps fp32 master weights in its partitions; each trainable parameter is gathered
-        from there. Parameters outside the optimizer (frozen ones) come from the module itself,
-        gathered under ZeRO-3 (with bf16/fp16 they are the low-precision copy, widened).
-        """
-        deepspeed = import_deepspeed()
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        module = self.engine.module
-        entries = module.state_dict(keep_vars=True)
-        low_precision = self.precision.name != "fp32"
-        full: dict[int, torch.Tensor] = {}
-        for tensor in entries.values():
-            if id(tensor) in full or not isinstance(tensor, nn.Parameter):
-                continue
-            value = None
-            if self.zero_stage == 3 or low_precision:
-                value = safe_get_full_fp32_param(tensor)  # collective; the same order on every rank
-            if value is None:
-                if hasattr(tensor, "ds_id"):  # a ZeRO-3 parameter outside the optimizer
-                    with deepspeed.zero.GatheredParameters([tensor]):
-                        value = tensor.detach().clone()
-                else:  # ZeRO 0-2: every rank holds the full (fp32 with fp32 training) parameter
-                    value = tensor.detach()
-            full[id(tensor)] = value
-        out = {}
-        for name, tensor in entries.items():
-            value = full.get(id(tensor), tensor.detach() if torch.is_tensor(tensor) else tensor)
-            if torch.is_tensor(value):
-                value = value.float() if value.is_floating_point() else value
-                value = value.cpu().clone()
-            out[name] = value
-        return out
-
     def close(self) -> None:
         self.engine.destroy()  # its hooks and buffers, before the process group is destroyed
-
-    def local_numel(self) -> dict[str, int]:
-        """Elements this rank holds: the module's parameters (its partition under ZeRO-3) and the
-        optimizer state (partitioned under ZeRO 1-3, padded to equal partitions)."""
-        params = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
-                     for p in self.engine.module.parameters())
-        optim = sum(v.numel() for s in self.optimizer.state.values()
-                    for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
-        return {"params": params, "optim": optim}

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..env import ensure_process_group
 from .base import Strategy, local_tensor
 
@@ -59,6 +59,13 @@ def divisors(n: int) -> str:
 
 class FSDPStrategy(Strategy):
     name = "fsdp"
+
+    @classmethod
+    def check(cls, cfg, sizes, world_size: int, local_world_size: int | None) -> None:
+        # fsdp.replicate=nodes needs the processes of a node: a worker knows them; the process that
+        # starts a node's workers does not, and the workers find an uneven split when they wrap.
+        if cfg.fsdp.replicate != "nodes" or local_world_size is not None:
+            replica_groups(cfg.fsdp.replicate, world_size, local_world_size or world_size)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         from torch.distributed.device_mesh import init_device_mesh

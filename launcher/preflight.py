@@ -1,0 +1,137 @@
+"""Every check of the user's input before any worker starts (docs/design.md, Exit codes).
+
+Config, recipe contract, batch sizes, the strategy's own checks (`Strategy.check`), optional
+dependencies, the speed switches, the checkpoint a run resumes from and the config it was trained
+with, the run directory: cheapest first. The recipe's data() is built last, to check it and its
+size. Each raises ConfigError (exit 2) with a message that says what is wrong and how to fix it.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .batch import BatchSizes, batch_sizes, total_steps
+from .checkpoint import read_meta, resume_from
+from .config import Config, config_changes
+from .data import resolve_pin_memory
+from .env import detect
+from .errors import ConfigError
+from .fs import check_writable, is_main_process, say, warn
+from .optim import implementation
+from .recipe import Recipe, unwrap_lightning
+from .strategies import resolve_name, strategy_class
+from .strategies.base import check_checkpoint_units, default_shard_units, outermost
+from .stream import train_length
+
+
+@dataclass
+class Checked:
+    """What check_inputs found out: the loaded recipe, the batch sizes and where a run resumes."""
+
+    recipe: Recipe
+    sizes: BatchSizes
+    resume: Path | None
+
+
+def check_inputs(cfg: Config, world_size: int, origin: str, report_only: bool = False) -> Checked:
+    """Everything about the input that can be wrong, checked once before any worker. report_only
+    (launcher plan) changes nothing on disk: a damaged checkpoint is not set aside."""
+    recipe = Recipe.load(cfg.recipe, origin)
+    recipe.check_optimization()
+    report_replaced_sections(cfg, recipe)
+    sizes = batch_sizes(cfg, world_size)
+    here = detect()
+    local_world_size = here.local_world_size if here.world_size == world_size else None  # a worker knows it
+    strategy_class(resolve_name(cfg.strategy, world_size)).check(cfg, sizes, world_size, local_world_size)
+    check_loggers(cfg)
+    check_switches(cfg, recipe)
+    resume = resume_from(cfg.checkpoint, Path(cfg.run_dir), world_size, may_move=is_main_process() and not report_only)
+    if resume is not None:
+        check_resume_config(resume, cfg)
+    check_writable(Path(cfg.run_dir))
+    train_set, _ = recipe.build_data()
+    sizes = batch_sizes(cfg, world_size, train_length(cfg, train_set, say))  # a train set smaller than G
+    return Checked(recipe, sizes, resume)
+
+
+def check_loggers(cfg: Config) -> None:
+    needs = {"wandb": bool(cfg.log.wandb.project), "tensorboard": cfg.log.tensorboard}
+    for module, needed in needs.items():
+        if needed and importlib.util.find_spec(module) is None:
+            raise ConfigError(f"{module} is not installed, but the config asks for it: "
+                              f"pip install 'launcher[{module}]' (or pip install {module})")
+
+
+def check_switches(cfg: Config, recipe: Recipe) -> None:
+    """The speed switches' settings that cannot run here."""
+    resolve_pin_memory(cfg.data.pin_memory)
+    if cfg.optim.impl == "fused" and "optim" not in recipe.replaces():
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        implementation("fused", [torch.empty(0, device=device)])  # raises where torch has no fused kernel
+    if cfg.train.activation_checkpointing:
+        model = unwrap_lightning(recipe.check_model())
+        check_checkpoint_units(outermost([u for u in (recipe.shard_units or default_shard_units)(model)
+                                          if u is not model]))
+
+
+def report_replaced_sections(cfg: Config, recipe: Recipe) -> None:
+    """A config section a recipe hook replaces is not silently ignored: say so, once."""
+    for section, instead in recipe.replaces().items():
+        if getattr(cfg, section).model_fields_set:
+            warn(f"the config's {section}: section is not used: {instead} takes its place")
+
+
+def check_resume_config(path: Path, cfg: Config) -> None:
+    """A checkpoint records its run's config: resuming under one that changes the math is refused."""
+    saved = read_meta(path).get("config")
+    if saved is None:
+        return
+    math, other = config_changes(saved, cfg)
+    diff = "\n  ".join(math)
+    if math and cfg.checkpoint.resume_changed != "allow":
+        raise ConfigError(
+            f"{path} was trained with another config, and these changes alter the training math:\n  {diff}\n"
+            "Resuming would mix two runs. Use a fresh run_dir, or checkpoint.resume=never to start afresh here "
+            "(the earlier checkpoints are set aside, not deleted), or checkpoint.resume_changed=allow to resume anyway")
+    if math:
+        warn(f"resuming {path.name} with a config that changes the training math "
+             f"(checkpoint.resume_changed=allow):\n  {diff}")
+    if other:
+        say(f"note: resuming {path.name} with changed settings: {'; '.join(other)}")
+
+
+def finished(resume: Path, cfg: Config, sizes: BatchSizes) -> bool:
+    """Rerunning a finished run: say so, and do nothing (no second validation row)."""
+    meta = read_meta(resume)
+    if not meta.get("finished") or meta["step"] < total_steps(cfg, sizes):
+        return False
+    say(f"{cfg.run_dir} finished at step {meta['step']}: nothing to do. Raise train.max_steps (or "
+        "train.epochs) to train on, or set checkpoint.resume=never to start afresh")
+    return True
+
+
+def check_node_launch(args, env) -> None:
+    """--nproc: this process starts the workers of one node. Fills --nnodes, --node-rank and
+    --rdzv-endpoint from SLURM when it runs as one srun task per node."""
+    if env.launcher == "torchrun":
+        raise ConfigError("--nproc inside a worker that torchrun (or accelerate launch) already started: drop "
+                          "--nproc, the outer launcher starts the workers")
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc {args.nproc}: it must be at least 1 (the workers to start on this node)")
+    if env.launcher == "slurm":
+        if env.local_world_size > 1:
+            raise ConfigError(
+                f"--nproc under srun starts a node's workers, but this node runs {env.local_world_size} srun tasks: "
+                "use one task per node (--ntasks-per-node=1) with --nproc, or one task per worker without --nproc")
+        if args.nnodes is None:
+            args.nnodes = env.world_size  # one task per node: the tasks are the nodes
+            args.node_rank = env.node_rank if args.node_rank is None else args.node_rank
+            if args.nnodes > 1 and not args.rdzv_endpoint:
+                args.rdzv_endpoint = f"{env.master_addr}:{env.master_port}"
+    args.nnodes = args.nnodes or 1
+    if args.nnodes > 1 and not args.rdzv_endpoint:
+        raise ConfigError(f"--nnodes {args.nnodes} needs --rdzv-endpoint HOST:PORT (the same on every node) and "
+                          "--node-rank on each node")

@@ -1,0 +1,59 @@
+"""Where a run stands and when each thing happens.
+
+The step counter and the skipped steps are the run's state: what a checkpoint's meta.json holds
+beside the model (with the schedule, the gradient scaler, the data's position and the resolved
+config, which a resume under a config that changes the math is refused against). The cadences
+say at which steps the loop logs, evaluates and saves, so the loop itself is a list of calls.
+"""
+from __future__ import annotations
+
+
+class RunState:
+    def __init__(self, cfg, env, sizes, total_steps: int, device):
+        self.cfg, self.env, self.sizes, self.total_steps, self.device = cfg, env, sizes, total_steps, device
+        self.step = 0  # optimizer steps done
+        self.skipped_steps = 0  # of those, the ones whose update was skipped (non-finite, fp16 overflow)
+
+    @property
+    def epoch(self) -> int:
+        return self.step // self.sizes.steps_per_epoch
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total_steps
+
+    # ------------------------------------------------------------ cadences
+
+    def should_log(self, step: int) -> bool:
+        return step % self.cfg.train.log_every_steps == 0 or step == self.total_steps
+
+    def should_evaluate(self, step: int) -> bool:
+        """Every train.eval_every_steps; the final validation comes after the last save instead."""
+        every = self.cfg.train.eval_every_steps
+        return bool(every) and step % every == 0 and step < self.total_steps
+
+    def should_save(self, step: int) -> bool:
+        every = self.cfg.checkpoint.every_steps
+        return bool(every) and step % every == 0
+
+    # ------------------------------------------------------------ meta.json
+
+    def meta(self, strategy_name: str, schedule, scaler, data_position: dict | None) -> dict:
+        meta = {
+            "step": self.step,
+            "skipped_steps": self.skipped_steps,
+            "world_size": self.env.world_size,
+            "strategy": strategy_name,
+            "scheduler": schedule.state_dict(),
+            "scaler": scaler.state_dict() if scaler else None,
+            "config": self.cfg.to_dict(),  # a resume under a config that changes the math is refused
+        }
+        if data_position is not None:
+            meta["stream"] = data_position
+        return meta
+
+    def restore(self, meta: dict, schedule, scaler) -> None:
+        self.step, self.skipped_steps = meta["step"], meta["skipped_steps"]
+        schedule.load_state_dict(meta["scheduler"])
+        if scaler and meta.get("scaler"):
+            scaler.load_state_dict(meta["scaler"])
