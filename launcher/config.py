@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -187,7 +188,11 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         raise ConfigError(f"config file {path} does not exist (run `launcher ls` to see the configs that ship)")
     try:
         with open(path, encoding="utf-8") as stream:  # a named stream: YAML errors name the file
-            raw = yaml.safe_load(stream) or {}
+            raw = yaml.load(stream, Loader=UniqueKeyLoader) or {}
+    except DuplicateKey as e:
+        raise ConfigError(f"{path}: the key `{e.key}` appears twice in one mapping, at line {e.first} and at line "
+                          f"{e.second}; YAML would keep only the second and drop the first silently. Merge the two "
+                          "into one") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -203,6 +208,27 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     cfg = validate(raw, str(path), sources)
     cfg.recipe["name"] = resolve_recipe_file(cfg.recipe["name"], path.parent)
     return cfg
+
+
+class DuplicateKey(Exception):
+    def __init__(self, key, first: int, second: int):
+        super().__init__(key)
+        self.key, self.first, self.second = key, first, second
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)):  # hashable scalars: the keys a config has
+                if key in seen:
+                    raise DuplicateKey(key, seen[key], line)
+                seen[key] = line
+        return super().construct_mapping(node, deep)
 
 
 def resolve_recipe_file(name: str, config_dir: Path) -> str:
@@ -293,6 +319,9 @@ def valid_keys(root: type, loc: tuple) -> list[str]:
 
 
 def model_fields(model) -> dict:
+    inner = [a for a in typing.get_args(model) if a is not type(None)]
+    if len(inner) == 1:  # an optional section (Optional[Section]): its fields
+        model = inner[0]
     if isinstance(model, type) and issubclass(model, BaseModel):
         return {f.alias or name: f for name, f in model.model_fields.items()}
     if dataclasses.is_dataclass(model):

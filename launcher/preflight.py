@@ -8,6 +8,7 @@ size. Each raises ConfigError (exit 2) with a message that says what is wrong an
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,14 +114,51 @@ def finished(resume: Path, cfg: Config, sizes: BatchSizes) -> bool:
     return True
 
 
+RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+def check_launch_variables(environ=None) -> None:
+    """Rank variables (torchrun's, or set by another launcher) must come with a way to meet: a
+    worker would otherwise wait for peers that never come. Checked before anything waits."""
+    env = os.environ if environ is None else environ
+    present = [v for v in RANK_VARIABLES if v in env]
+    if not present:
+        return
+    fix = ("unset them (`unset RANK WORLD_SIZE LOCAL_RANK`) to train in one process, or start the workers with "
+           "`launcher run --nproc N` or torchrun, which set all of them")
+    missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if not env.get(v)]
+    if missing:
+        have = " ".join(f"{v}={env[v]}" for v in present)
+        raise ConfigError(f"the launch variables {have} are set, but {', '.join(missing)} "
+                          f"{'is' if len(missing) == 1 else 'are'} not, so this process cannot meet the others of its "
+                          f"job: {fix}")
+    try:
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+    except ValueError:
+        raise ConfigError(f"RANK={env['RANK']} and WORLD_SIZE={env['WORLD_SIZE']} must be whole numbers: {fix}") from None
+    if world < 1 or not 0 <= rank < world:
+        raise ConfigError(f"RANK={rank} is outside WORLD_SIZE={world} (ranks run from 0 to WORLD_SIZE - 1): {fix}")
+
+
 def check_node_launch(args, env) -> None:
     """--nproc: this process starts the workers of one node. Fills --nnodes, --node-rank and
     --rdzv-endpoint from SLURM when it runs as one srun task per node."""
+    if args.nproc is None:
+        given = [flag for flag, value in (("--nnodes", args.nnodes), ("--node-rank", args.node_rank),
+                                          ("--rdzv-endpoint", args.rdzv_endpoint)) if value is not None]
+        if given or args.max_restarts:
+            raise ConfigError(f"{', '.join(given or ['--max-restarts'])} need --nproc N (the workers this launcher "
+                              "starts on this node); without --nproc the process trains by itself")
+        return
     if env.launcher == "torchrun":
         raise ConfigError("--nproc inside a worker that torchrun (or accelerate launch) already started: drop "
                           "--nproc, the outer launcher starts the workers")
     if args.nproc < 1:
         raise ConfigError(f"--nproc {args.nproc}: it must be at least 1 (the workers to start on this node)")
+    if args.nnodes is not None and args.nnodes < 1:
+        raise ConfigError(f"--nnodes {args.nnodes}: it must be at least 1 (the nodes taking part)")
+    if args.max_restarts < 0:
+        raise ConfigError(f"--max-restarts {args.max_restarts}: it must be 0 or more")
     if env.launcher == "slurm":
         if env.local_world_size > 1:
             raise ConfigError(
@@ -132,6 +170,9 @@ def check_node_launch(args, env) -> None:
             if args.nnodes > 1 and not args.rdzv_endpoint:
                 args.rdzv_endpoint = f"{env.master_addr}:{env.master_port}"
     args.nnodes = args.nnodes or 1
+    if args.node_rank is not None and not 0 <= args.node_rank < args.nnodes:
+        raise ConfigError(f"--node-rank {args.node_rank} is outside --nnodes {args.nnodes}: the nodes are numbered "
+                          f"0 to {args.nnodes - 1}")
     if args.nnodes > 1 and not args.rdzv_endpoint:
         raise ConfigError(f"--nnodes {args.nnodes} needs --rdzv-endpoint HOST:PORT (the same on every node) and "
                           "--node-rank on each node")

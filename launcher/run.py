@@ -35,11 +35,11 @@ def remove_if_untouched(run_dir: Path, fresh: bool) -> None:
 
 def check_and_run(cfg: Config, args) -> int:
     from .env import detect
-    from .preflight import check_inputs, check_node_launch, finished
+    from .preflight import check_inputs, check_launch_variables, check_node_launch, finished
 
+    check_launch_variables()
     env = detect()
-    if args.nproc is not None:
-        check_node_launch(args, env)
+    check_node_launch(args, env)
     world = args.nproc * args.nnodes if args.nproc else env.world_size
     checked = check_inputs(cfg, world, args.config)
     if cfg.checkpoint.resume == "auto" and checked.resume is not None and finished(checked.resume, cfg, checked.sizes):
@@ -57,13 +57,21 @@ def check_and_run(cfg: Config, args) -> int:
 def run_worker(cfg: Config, env, recipe) -> int:
     """Train in this process (one of the workers, or the only one). Returns the exit code once
     everything the run wrote is flushed and closed."""
+    from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.errors import record
 
     from . import env as env_mod
     from .trainer import train
 
     device = env_mod.device_for(env)
-    env_mod.init_process_group(env, device, cfg.dist.timeout_s)
+    try:
+        env_mod.init_process_group(env, device, cfg.dist.timeout_s)
+    except DistError as e:  # the others never came (or the address cannot be reached)
+        error(f"rank {env.rank} could not meet the other {env.world_size - 1} process(es) of its job at "
+              f"{env.master_addr}:{env.master_port} within dist.timeout_s={cfg.dist.timeout_s:g} s "
+              f"({str(e).splitlines()[0]}). Start every process of the job (torchrun / srun / launcher run "
+              "--nproc start them together), or check that the address is reachable from each")
+        return errors.FAILED
     # Under torchrun: the failing rank's traceback goes into the launcher's summary.
     try:
         record(train)(cfg, env, device, recipe)

@@ -271,12 +271,12 @@ def run_launcher(w: Workload, device: torch.device, log_every: int, now=now):
         # One call of the loop for the warm-up, then one a block: each stops at total_steps and
         # the next goes on from there (the loop derives its position from the step counter, as
         # on resume). A call ends with a logged row, as every log_every_steps does anyway.
-        trainer.total_steps = w.warmup
+        trainer.state.total_steps = w.warmup
         trainer.train_loop()
         sync()
         marks = [now()]
         for end in range(w.warmup + w.block, w.warmup + w.steps + 1, w.block):
-            trainer.total_steps = end
+            trainer.state.total_steps = end
             trainer.train_loop()
             sync()
             marks.append(now())
@@ -600,7 +600,7 @@ def checkpoint_times(args) -> None:
 
                     def step(n: int) -> float:
                         sync()
-                        trainer.total_steps = n
+                        trainer.state.total_steps = n
                         start = clock()
                         trainer.train_loop()
                         sync()

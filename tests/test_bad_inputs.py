@@ -291,6 +291,11 @@ CASES = [
     Case("malformed-yaml", config_text("recipe: {name: recipes.digits\ntrain: [1, 2\n"),
          ("<tmp>/c.yaml", "YAML", "line"), once="is not valid YAML"),
     Case("config-not-a-mapping", config_text("- recipes.digits\n- train\n"), ("<tmp>/c.yaml", "mapping")),
+    Case("duplicate-key", config_text("recipe: {name: recipes.digits}\noptim:\n  name: sgd\ntrain: {max_steps: 2}\n"
+                                      "optim:\n  lr: 0.01\n"),
+         ("<tmp>/c.yaml", "`optim` appears twice", "line 2", "line 5")),
+    Case("duplicate-nested-key", config_text("recipe: {name: recipes.digits}\ntrain:\n  max_steps: 2\n  max_steps: 3\n"),
+         ("`max_steps` appears twice", "line 3", "line 4")),
     Case("override-without-equals", nproc2("optim.lr"), ("key=value", "optim.lr")),
     Case("missing-recipe-name", lambda c: ["run", c.write("c.yaml", f"recipe: {{hidden: 32}}\nrun_dir: {c.run_dir}\n"),
                                            "--nproc", 2],
@@ -326,6 +331,17 @@ CASES = [
     Case("strategy-single-on-2-processes", in_file(strategy="single"), ("strategy=single", "ddp")),
     # ------------------------------------------------------------ launching
     Case("nproc-zero", lambda c: ["run", c.config(), "--nproc", 0], ("at least 1", "--nproc")),
+    Case("nnodes-zero", lambda c: ["run", c.config(), "--nproc", 2, "--nnodes", 0], ("--nnodes 0", "at least 1")),
+    Case("node-rank-outside-nnodes", lambda c: ["run", c.config(), "--nproc", 2, "--nnodes", 2, "--node-rank", 2,
+                                                "--rdzv-endpoint", "127.0.0.1:29555"], ("--node-rank 2", "0 to 1")),
+    Case("negative-max-restarts", lambda c: ["run", c.config(), "--nproc", 2, "--max-restarts", -1],
+         ("--max-restarts -1", "0 or more")),
+    Case("nnodes-without-nproc", lambda c: ["run", c.config(), "--nnodes", 2], ("--nnodes", "need --nproc")),
+    Case("rank-variables-left-in-the-shell", lambda c: c.env.update(RANK="0", WORLD_SIZE="2") or ["run", c.config()],
+         ("RANK=0 WORLD_SIZE=2", "MASTER_ADDR", "unset")),
+    Case("rank-outside-world-size", lambda c: c.env.update(RANK="2", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                                            MASTER_PORT="29556") or ["run", c.config()],
+         ("RANK=2 is outside WORLD_SIZE=2",)),
     Case("nproc-inside-torchrun-env", nproc_inside_torchrun_env, ("--nproc", "torchrun"), once=None),
     # torchrun itself exits 1 when its worker exits 2 (and prints its own summary): the worker's
     # message must still be there, once, and the spawn it asked for must not have happened.

@@ -116,3 +116,19 @@ def test_what_a_worker_printed_is_flushed_before_it_exits(tmp_path):
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert "unflushed-words" in outs[1][0]
+
+
+def test_a_rendezvous_that_cannot_complete_ends_within_the_timeout_with_one_message(tmp_path):
+    """Launch variables that say two processes, with only one started: after dist.timeout_s, one
+    error line naming the address and the fix, exit 1, no traceback, no run dir."""
+    cfg = write_config(tmp_path / "c.yaml", digits_config(tmp_path / "run", dist={"timeout_s": 3}))
+    port = 20000 + os.getpid() % 20000
+    started = time.monotonic()
+    proc = run(["run", cfg], env={"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                  "MASTER_PORT": str(port)}, timeout=120)
+    took = time.monotonic() - started
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.count("error:") == 1 and f"127.0.0.1:{port}" in proc.stderr, proc.stderr
+    assert "could not meet the other 1 process(es)" in proc.stderr and "Traceback" not in proc.stderr
+    assert took < 60, took  # dist.timeout_s, plus start-up: not the default 600 s
+    assert not (tmp_path / "run").exists()

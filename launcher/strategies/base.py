@@ -21,6 +21,8 @@ from torch import nn
 from ..errors import ConfigError
 from ..precision import Precision
 
+STAGER_REUSABLE = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
+
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 
 
@@ -210,7 +212,12 @@ class Strategy:
 
     def stager(self):
         """One stager for the run: it allocates host copies of the state at the first async save and
-        refills them in place at the next ones."""
+        refills them in place at the next ones. Before torch 2.13 a DefaultStager fails when used a
+        second time (a KeyError in its cache), so there each save gets a new one; the previous save
+        has finished by then (one save in flight at a time)."""
+        if self._stager is not None and not STAGER_REUSABLE:
+            self._stager.close()
+            self._stager = None
         if self._stager is None:
             from torch.distributed.checkpoint.staging import DefaultStager
 
