@@ -57,8 +57,12 @@ def batch_sizes(cfg, world_size: int, dataset_len: int | None = None) -> BatchSi
     return sizes
 
 
-def total_steps(cfg, sizes: BatchSizes) -> int:
-    return cfg.train.max_steps or cfg.train.epochs * sizes.steps_per_epoch
+def total_steps(cfg, sizes: BatchSizes) -> int | None:
+    """The run's length in optimizer steps; None where it is not known in advance (train.epochs of a
+    stream without len(): it becomes known when the last pass ends)."""
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    return cfg.train.epochs * sizes.steps_per_epoch if sizes.steps_per_epoch else None
 
 
 def describe_batch(cfg, sizes: BatchSizes) -> str:

@@ -208,6 +208,22 @@ def check_world_size(path: Path, world_size: int) -> None:
             "checkpoint.resume=never")
 
 
+def newest_note(run_dir: Path) -> str:
+    """Where a rerun of this run dir resumes, read from the disk: for messages that must be true."""
+    path = latest_checkpoint(Path(run_dir) / "checkpoints")
+    if path is None:
+        return "no checkpoint is saved: the same command starts again from step 0"
+    return f"the same command resumes from {path} (step {step_of(path)})"
+
+
+def kept_note(run_dir: Path) -> str:
+    """The checkpoint a failed run leaves for a rerun, read from the disk."""
+    path = latest_checkpoint(Path(run_dir) / "checkpoints")
+    if path is None:
+        return "No checkpoint was saved before it"
+    return f"The newest checkpoint, {path} (step {step_of(path)}), is kept: the same command resumes from it"
+
+
 def write_failure(error: BaseException) -> str | None:
     """The OS error behind a failed save ('No space left on device: .../__1_0.distcp'), or None.
     DCP gathers each rank's exception into one CheckpointException on every rank."""

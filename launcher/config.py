@@ -51,6 +51,8 @@ class TrainConfig(Section):
                           "with deepspeed")
     activation_checkpointing: bool = Field(False, description="recompute each shard unit's activations in backward: "
                                            "less memory, more compute")
+    sync_batchnorm: bool = Field(False, description="BatchNorm layers become SyncBatchNorm: statistics over every "
+                                 "process's micro-batch (CUDA only)")
     profile: Optional[ProfileConfig] = Field(None, description="{start_step: N, steps: K}: a torch.profiler trace "
                                              "of steps N..N+K-1 in RUN_DIR/profile (Chrome trace JSON, one per "
                                              "rank, for Perfetto or TensorBoard); null: off")

@@ -25,6 +25,10 @@ class CheckpointWriteError(TrainingError):
 class Stopped(Exception):
     """A stop signal arrived and the checkpoint is saved."""
 
+    def __init__(self, signal_name: str = "a signal"):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
 
 def exit_now(code: int) -> None:
     """The one way out of a launcher process: flush stdout and stderr, then os._exit, skipping

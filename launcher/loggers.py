@@ -94,7 +94,7 @@ class ConsoleLogger:
     def eta(self, step: int) -> str | None:
         """h:mm:ss left at the rate since this logger started (it includes start-up: a cautious ETA)."""
         done = step - self.start_step
-        if done <= 0:
+        if done <= 0 or self.total_steps is None:  # a stream of unknown length: no end to count down to
             return None
         seconds = (self.total_steps - step) * max(self.clock() - self.started, 0.0) / done
         return hms(seconds)

@@ -100,7 +100,7 @@ class Schedule:
         if self.interval == "step":
             if applied and step % self.frequency == 0:
                 self.scheduler.step()
-        elif step % steps_per_epoch == 0 and (step // steps_per_epoch) % self.frequency == 0:
+        elif steps_per_epoch and step % steps_per_epoch == 0 and (step // steps_per_epoch) % self.frequency == 0:
             self.scheduler.step()
 
     def state_dict(self) -> dict:

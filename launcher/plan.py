@@ -477,6 +477,7 @@ def cell(h: Held | None) -> tuple[str, str]:
 
 def describe(cfg, recipe, world_size: int, nodes: int = 1) -> str:
     from .batch import batch_sizes, describe_batch
+    from .recipe import batch_statistics_note
     from .strategies import resolve_name
 
     sizes = batch_sizes(cfg, world_size)
@@ -495,9 +496,9 @@ def describe(cfg, recipe, world_size: int, nodes: int = 1) -> str:
         f"schedule: {recipe.replaces().get('schedule', schedule)}",
         f"parameters: {n_all:,} ({n_train:,} trainable, {n_all - n_train:,} frozen"
         + (f"; {tied} tied name{'s' if tied > 1 else ''} counted once" if tied else "") + ")",
-        "",
-        "memory per rank (the rank holding the most), bytes and elements:",
     ]
+    note = batch_statistics_note(recipe.check_model(), sizes, cfg.train.sync_batchnorm)
+    lines += ([note] if note else []) + ["", "memory per rank (the rank holding the most), bytes and elements:"]
     table = [["", "strategy", "parameters", "", "gradients", "", "optimizer", "", "total"]]
     for key, row in rows.items():
         _, r = row.largest

@@ -8,11 +8,13 @@ size. Each raises ConfigError (exit 2) with a message that says what is wrong an
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils.data import default_collate
 
 from .batch import BatchSizes, batch_sizes, total_steps
 from .checkpoint import read_meta, resume_from
@@ -22,10 +24,10 @@ from .env import detect
 from .errors import ConfigError
 from .fs import check_writable, is_main_process, say, warn
 from .optim import implementation
-from .recipe import Recipe, unwrap_lightning
+from .recipe import Recipe, RecipeError, unwrap_lightning, user_traceback
 from .strategies import resolve_name, strategy_class
 from .strategies.base import check_checkpoint_units, default_shard_units, outermost
-from .stream import train_length
+from .stream import is_stream, shards_by_rank, train_length
 
 
 @dataclass
@@ -37,9 +39,11 @@ class Checked:
     resume: Path | None
 
 
-def check_inputs(cfg: Config, world_size: int, origin: str, report_only: bool = False) -> Checked:
+def check_inputs(cfg: Config, world_size: int, origin: str, report_only: bool = False,
+                 probe_step: bool = False) -> Checked:
     """Everything about the input that can be wrong, checked once before any worker. report_only
-    (launcher plan) changes nothing on disk: a damaged checkpoint is not set aside."""
+    (launcher plan) changes nothing on disk: a damaged checkpoint is not set aside. probe_step (the
+    process that starts workers, which trains nothing itself): run the loss on one micro-batch too."""
     recipe = Recipe.load(cfg.recipe, origin)
     recipe.check_optimization()
     report_replaced_sections(cfg, recipe)
@@ -54,8 +58,65 @@ def check_inputs(cfg: Config, world_size: int, origin: str, report_only: bool = 
         check_resume_config(resume, cfg)
     check_writable(Path(cfg.run_dir))
     train_set, _ = recipe.build_data()
-    sizes = batch_sizes(cfg, world_size, train_length(cfg, train_set, say))  # a train set smaller than G
+    length = train_length(cfg, train_set, say)
+    sizes = batch_sizes(cfg, world_size, length)  # a train set smaller than G
+    if length is None:
+        check_unknown_length(cfg, recipe, train_set)
+    check_first_batch(cfg, recipe, train_set, sizes, probe_step)
     return Checked(recipe, sizes, resume)
+
+
+def check_unknown_length(cfg: Config, recipe: Recipe, train_set) -> None:
+    """train.epochs of a stream without len(): what needs the run's length in advance is refused."""
+    name = type(train_set).__name__
+    if cfg.schedule.decay != "constant" and "schedule" not in recipe.replaces():
+        raise ConfigError(f"schedule.decay={cfg.schedule.decay} needs the run's length in steps, and the training "
+                          f"stream ({name}) has no __len__, so train.epochs={cfg.train.epochs} passes have no known "
+                          "length: set train.max_steps, give the stream a __len__ (samples in one pass), or set "
+                          "schedule.decay=constant")
+    say(f"note: the training stream ({name}) has no __len__: {cfg.train.epochs} pass(es), each ending where the "
+        "stream ends; progress shows no total and no ETA")
+
+
+PROBE_MAX_PARAMETERS = 50_000_000  # a model this small is built for real and its loss run, on the CPU
+
+
+def check_first_batch(cfg: Config, recipe: Recipe, train_set, sizes: BatchSizes, probe_step: bool) -> None:
+    """What a worker would otherwise meet at its first step: a model with nothing to train, items that
+    do not make a batch, and (probe_step, a plain recipe of a small model) a loss no gradient flows
+    through or a model on the meta device."""
+    model = recipe.check_model()
+    recipe.check_trainable(model, built_on_meta=True)
+    batch = first_micro_batch(recipe, train_set, sizes.micro_batch)
+    small = sum(p.numel() for p in model.parameters()) <= PROBE_MAX_PARAMETERS
+    if batch is None or not probe_step or not small or recipe.is_lightning():
+        return
+    torch.manual_seed(cfg.train.seed)
+    model = recipe.build_model()
+    recipe.check_trainable(model)
+    with torch.enable_grad():
+        recipe.check_loss_output(recipe.loss(model, batch), 0)
+
+
+def first_micro_batch(recipe: Recipe, train_set, size: int):
+    """The first micro-batch as the loader would collate it; None for a stream that shards itself
+    (it reads its part only inside a worker)."""
+    if shards_by_rank(train_set):
+        return None
+    if is_stream(train_set):
+        items = list(itertools.islice(iter(train_set), size))
+    else:
+        items = [train_set[i] for i in range(min(size, len(train_set)))]
+    collate = recipe.collate or default_collate
+    try:
+        return collate(items)
+    except Exception as e:  # noqa: BLE001 - the recipe's data or its collate
+        if recipe.collate is not None:
+            raise RecipeError(f"recipe `{recipe.name}`: collate() raised {user_traceback(e)}") from None
+        raise RecipeError(
+            f"recipe `{recipe.name}`: torch's default collate cannot make one batch of {len(items)} training items "
+            f"({str(e).splitlines()[0]}): add `collate(items)` to the recipe, a function that makes one batch from "
+            "a list of items (padding them to one length, say)") from None
 
 
 def check_loggers(cfg: Config) -> None:
@@ -69,6 +130,9 @@ def check_loggers(cfg: Config) -> None:
 def check_switches(cfg: Config, recipe: Recipe) -> None:
     """The speed switches' settings that cannot run here."""
     resolve_pin_memory(cfg.data.pin_memory)
+    if cfg.train.sync_batchnorm and not torch.cuda.is_available():
+        raise ConfigError("train.sync_batchnorm=true needs CUDA: torch's SyncBatchNorm runs on GPUs only (NCCL). On the "
+                          "CPU each process normalises over its own micro-batch: set train.sync_batchnorm=false")
     if cfg.optim.impl == "fused" and "optim" not in recipe.replaces():
         device = "cuda" if torch.cuda.is_available() else "cpu"
         implementation("fused", [torch.empty(0, device=device)])  # raises where torch has no fused kernel
@@ -107,7 +171,12 @@ def check_resume_config(path: Path, cfg: Config) -> None:
 def finished(resume: Path, cfg: Config, sizes: BatchSizes) -> bool:
     """Rerunning a finished run: say so, and do nothing (no second validation row)."""
     meta = read_meta(resume)
-    if not meta.get("finished") or meta["step"] < total_steps(cfg, sizes):
+    total = total_steps(cfg, sizes)
+    if total is None:  # passes of a stream of unknown length: the passes finished count
+        done = meta.get("stream", {}).get("epoch", 0) >= cfg.train.epochs
+    else:
+        done = meta["step"] >= total
+    if not meta.get("finished") or not done:
         return False
     say(f"{cfg.run_dir} finished at step {meta['step']}: nothing to do. Raise train.max_steps (or "
         "train.epochs) to train on, or set checkpoint.resume=never to start afresh")

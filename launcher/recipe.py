@@ -137,6 +137,33 @@ class Recipe:
                 self._call(f"model().{hook}", getattr(model, hook), *args)
         return LightningAdapter(model)
 
+    def check_trainable(self, model: nn.Module, built_on_meta: bool = False) -> None:
+        """A model the launcher can train: trainable parameters, and (unless built on the meta device
+        for a check) real tensors. Bad input either way, found before any worker where it can be."""
+        params = list(model.parameters())
+        if not params:
+            raise RecipeError(f"recipe `{self.name}`: model() returned a model with no parameters, so there is "
+                              "nothing to train: return the module whose weights the loss trains")
+        if not any(p.requires_grad for p in params):
+            raise RecipeError(f"recipe `{self.name}`: every parameter of model()'s model has requires_grad=False, so "
+                              "there is nothing to train: leave the ones to train with requires_grad=True")
+        if not built_on_meta and any(p.is_meta for p in params):
+            raise RecipeError(f"recipe `{self.name}`: model() returned a model on the meta device (no real weights): "
+                              "build it on the CPU, or materialize it in model() (model.to_empty(device='cpu'), then "
+                              "initialise the weights); the launcher moves it to the device")
+
+    def check_loss_output(self, out, step: int) -> bool:
+        """loss_is_pair(out), and a loss that can train: one computed from the model's output with grad
+        enabled (not under torch.no_grad(), not detached)."""
+        pair = self.loss_is_pair(out, step)
+        value = out[0] if pair else out
+        if not (isinstance(value, torch.Tensor) and value.requires_grad):
+            raise RecipeError(
+                f"recipe `{self.name}`: loss() returned a value that does not require grad, so no gradient can flow to "
+                "the weights: it was computed under torch.no_grad() or torch.inference_mode(), or from detached "
+                "values (.detach(), .item(), numpy). Compute it from the model's output, with grad enabled")
+        return pair
+
     def build_data(self):
         """(train, val), built once per Recipe: the launcher's checks and the trainer share it."""
         if self._data is None:
@@ -302,6 +329,30 @@ def describe_value(value) -> str:
     if isinstance(value, (tuple, list)):
         return f"a {type(value).__name__} of ({', '.join(describe_value(v) for v in value)})"
     return f"a {type(value).__name__}"
+
+
+def batch_statistics_layers(model: nn.Module) -> list[str]:
+    """The layers that normalise with the statistics of the batch they see (BatchNorm, SyncBatchNorm,
+    InstanceNorm with running statistics): their math depends on the micro-batch, not the global batch."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+    from torch.nn.modules.instancenorm import _InstanceNorm
+
+    return [type(m).__name__ for m in model.modules()
+            if isinstance(m, _BatchNorm) or (isinstance(m, _InstanceNorm) and m.track_running_stats)]
+
+
+def batch_statistics_note(model: nn.Module, sizes, sync: bool) -> str | None:
+    """Why a model with batch statistics does not train the math of one process, where it does not."""
+    layers = batch_statistics_layers(model)
+    split = sizes.world_size > 1 and not sync
+    if not layers or not (split or sizes.accumulation > 1):
+        return None
+    kinds = ", ".join(sorted(set(layers)))
+    over = (f"one micro-batch of {sizes.micro_batch} on one process" if split else
+            f"one micro-batch of {sizes.micro_batch} x {sizes.world_size} processes (synced)")
+    return (f"note: the model has {len(layers)} batch-statistics layer(s) ({kinds}); each normalises over {over}, not "
+            f"the global batch of {sizes.global_batch}, so its steps differ from one process with the whole batch"
+            + ("; train.sync_batchnorm=true (CUDA) syncs them over the processes" if split else ""))
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -2,9 +2,11 @@
 
 A bad input leaves no run dir behind: one this command created is removed when the run ends with
 exit 2 before any checkpoint was written, whether the launching process or a worker found it.
+The run dir is held while the command runs (launcher/hold.py): a second run on it exits 2.
 """
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -12,20 +14,23 @@ from . import errors
 from .config import Config, load_config
 from .errors import ConfigError
 from .fs import error, is_main_process, say
+from .hold import hold, job_id
 
 
 def cmd_run(args) -> int:
     cfg = load_config(args.config, args.overrides)  # before importing torch: config errors come at once
     run_dir = Path(cfg.run_dir)
     fresh = not run_dir.exists()
-    try:
-        code = check_and_run(cfg, args)
-    except ConfigError:
-        remove_if_untouched(run_dir, fresh)
-        raise
-    if code == errors.BAD_INPUT:
-        remove_if_untouched(run_dir, fresh)
-    return code
+    # One run per run dir: another job's live run there is exit 2 here, before anything is written.
+    with hold(run_dir, job_id(args.nproc, args.rdzv_endpoint)):
+        try:
+            code = check_and_run(cfg, args)
+        except ConfigError:
+            remove_if_untouched(run_dir, fresh)
+            raise
+        if code == errors.BAD_INPUT:
+            remove_if_untouched(run_dir, fresh)
+        return code
 
 
 def remove_if_untouched(run_dir: Path, fresh: bool) -> None:
@@ -41,14 +46,16 @@ def check_and_run(cfg: Config, args) -> int:
     env = detect()
     check_node_launch(args, env)
     world = args.nproc * args.nnodes if args.nproc else env.world_size
-    checked = check_inputs(cfg, world, args.config)
+    checked = check_inputs(cfg, world, args.config, probe_step=bool(args.nproc))
+    if not os.environ.get("LAUNCHER_SPAWNED"):  # the workers of --nproc: the launching process said it
+        say(f"run dir: {Path(cfg.run_dir).resolve()}")
     if cfg.checkpoint.resume == "auto" and checked.resume is not None and finished(checked.resume, cfg, checked.sizes):
         return errors.DONE  # rerunning a finished run (an explicit checkpoint.resume starts a new one)
     if args.nproc:
         from .spawn import spawn
 
         del checked  # and the data set built to check it: the workers build their own
-        return spawn([args.config, *args.overrides], nproc=args.nproc, nnodes=args.nnodes,
+        return spawn([args.config, *args.overrides], run_dir=Path(cfg.run_dir), nproc=args.nproc, nnodes=args.nnodes,
                      node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint, max_restarts=args.max_restarts,
                      timeout_s=cfg.dist.timeout_s)
     return run_worker(cfg, env, checked.recipe)
@@ -75,11 +82,34 @@ def run_worker(cfg: Config, env, recipe) -> int:
     # Under torchrun: the failing rank's traceback goes into the launcher's summary.
     try:
         record(train)(cfg, env, device, recipe)
+    except (DistError, RuntimeError) as e:
+        if not (restarting() and lost_a_peer(e)):
+            raise
+        # Another rank died: torchrun restarts the group, which resumes. One line, not a traceback.
+        error(f"rank {env.rank} lost contact with another rank ({str(e).splitlines()[0][:160]}); torchrun restarts "
+              "the worker group (--max-restarts), which resumes from the newest checkpoint")
+        return errors.FAILED
     except errors.TrainingError as e:
         error(str(e))
         return errors.FAILED
-    except errors.Stopped:
-        say(f"stopped by a signal; checkpoint saved in {cfg.run_dir}/checkpoints. Run the same command to resume.")
+    except errors.Stopped as e:
+        from .checkpoint import newest_note
+
+        if not os.environ.get("LAUNCHER_SPAWNED"):  # else the launching process says it, once
+            say(f"stopped by {e.signal_name}: {newest_note(Path(cfg.run_dir))}")
         return errors.STOPPED
     env_mod.destroy_process_group()
     return errors.DONE
+
+
+def restarting() -> bool:
+    """Under torchrun with restarts left (--max-restarts)."""
+    count = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    return count < int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+
+
+def lost_a_peer(e: BaseException) -> bool:
+    """A collective that failed because another rank's process went away."""
+    text = str(e)
+    return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                                   "Socket Timeout", "NCCL communicator was aborted"))

@@ -16,11 +16,13 @@ class RunState:
 
     @property
     def epoch(self) -> int:
-        return self.step // self.sizes.steps_per_epoch
+        spe = self.sizes.steps_per_epoch
+        return self.step // spe if spe else 0  # a stream of unknown length: its passes are counted as read
 
     @property
     def done(self) -> bool:
-        return self.step >= self.total_steps
+        """total_steps is None while a stream of unknown length is still in its last pass."""
+        return self.total_steps is not None and self.step >= self.total_steps
 
     # ------------------------------------------------------------ cadences
 
@@ -30,7 +32,7 @@ class RunState:
     def should_evaluate(self, step: int) -> bool:
         """Every train.eval_every_steps; the final validation comes after the last save instead."""
         every = self.cfg.train.eval_every_steps
-        return bool(every) and step % every == 0 and step < self.total_steps
+        return bool(every) and step % every == 0 and (self.total_steps is None or step < self.total_steps)
 
     def should_save(self, step: int) -> bool:
         every = self.cfg.checkpoint.every_steps

@@ -64,11 +64,18 @@ class NonFiniteGuard:
 
 
 def nonfinite_error(steps: list[int]) -> NonFiniteError:
-    where = f"at step {steps[0]}" + (f" (and {len(steps) - 1} step(s) after it, all skipped)" if len(steps) > 1 else "")
+    """What the disk holds is for the trainer to add (an async save may still be finishing)."""
+    later = f" (and {len(steps) - 1} step(s) after it, all skipped)" if len(steps) > 1 else ""
+    if steps[0] == 1:
+        return NonFiniteError(
+            f"non-finite gradient (NaN or inf) at step 1{later}, before any update: the loss is not finite from the "
+            "start. That is usually the recipe's loss (a log or a division by zero), NaN or inf in the data, or a "
+            "model whose output overflows (with precision=fp16, try bf16). train.on_nonfinite=skip would skip every "
+            "such step, so fix the cause first. Nothing reached the weights")
     return NonFiniteError(
-        f"non-finite gradient {where}; it never reached the weights and the last good checkpoint is kept. Set "
-        "train.on_nonfinite=skip to skip such steps instead"
-    )
+        f"non-finite gradient (NaN or inf) at step {steps[0]}{later}; it never reached the weights. Set "
+        "train.on_nonfinite=skip to skip such steps instead, or lower optim.lr (or set train.grad_clip) if the loss "
+        "was rising before it")
 
 
 class StepRunner:
@@ -84,12 +91,14 @@ class StepRunner:
         self.one = torch.ones((), device=device)  # a mean loss's denominator, every step
         # One micro-batch on one process: a pair's count is the step's, known without a collective.
         self.whole_step_local = strategy.name == "single" and sizes.accumulation == 1
+        self.checked = False  # the loss checked once for a gradient to flow through it
 
     def train_step(self, batches, window: Window) -> StepOutput:
         """One optimizer step over the next A micro-batches of `batches`, loaded one at a time.
         Nothing here waits for the device unless the strategy cannot skip a step on it."""
         step, A = self.state.step, self.sizes.accumulation
-        first = (step % self.sizes.steps_per_epoch) * A  # Lightning's batch_idx: micro-batches this epoch
+        spe = self.sizes.steps_per_epoch
+        first = (step % spe if spe else step) * A  # Lightning's batch_idx: micro-batches this epoch
         nums, dens, pair = [], [], None
         for j in range(A):
             batch = self.next_batch(batches, window, step, j)
@@ -123,8 +132,9 @@ class StepRunner:
         self.watchdog.beat(step, j, "forward")
         with self.precision.autocast():
             out = self.run.loss(self.strategy.model, batch, batch_idx)
-        if pair is None:
-            pair = self.recipe.loss_is_pair(out, step)
+        if pair is None:  # the first micro-batch of a step: the loss's form (and, once, that it can train)
+            pair = self.recipe.loss_is_pair(out, step) if self.checked else self.recipe.check_loss_output(out, step)
+            self.checked = True
         self.watchdog.beat(step, j, "backward")
         self.run.hook("on_before_backward", out)
         if pair:

@@ -53,9 +53,10 @@ def stream_length(dataset) -> int | None:
         return None
 
 
-def train_length(cfg, dataset, say=None) -> int:
-    """The length the batch sizes are built on. A stream without len() is as long as the run
-    (train.max_steps), which it must then set; its epochs are found as each pass ends."""
+def train_length(cfg, dataset, say=None) -> int | None:
+    """The length the batch sizes are built on. A stream without len() is as long as the run with
+    train.max_steps; without it the length is unknown (None): train.epochs passes, each ending where
+    the stream ends, found as it is read."""
     if not is_stream(dataset):
         return len(dataset)
     G = cfg.train.global_batch_size
@@ -67,10 +68,7 @@ def train_length(cfg, dataset, say=None) -> int:
             "method lets it reshuffle each pass)")
     n = stream_length(dataset)
     if n is None:
-        if not cfg.train.max_steps:
-            raise ConfigError(f"the training set is a stream without a length ({type(dataset).__name__} has no "
-                              "__len__), so it may never end and an epoch has no known size: set train.max_steps")
-        return cfg.train.max_steps * G
+        return cfg.train.max_steps * G if cfg.train.max_steps else None
     if n < G:
         raise ConfigError(f"train.global_batch_size={G} is larger than one pass of the training stream "
                           f"(len() says {n} samples): lower it")

@@ -10,6 +10,7 @@ map-style data and streams (data.MapData, stream.StreamData).
 """
 from __future__ import annotations
 
+import os
 import random
 import signal
 import time
@@ -20,7 +21,7 @@ import torch
 
 from . import STARTED_AT
 from .batch import batch_sizes, describe_batch, total_steps
-from .checkpoint import Checkpointer, resume_from
+from .checkpoint import Checkpointer, kept_note, newest_note, resume_from, step_dir_name
 from .config import Config, dump_config
 from .env import DistEnv, rendezvous
 from .errors import NonFiniteError, Stopped
@@ -30,7 +31,7 @@ from .loggers import Loggers
 from .optim import Schedule, build_optimizer, build_scheduler
 from .precision import Precision
 from .profiling import StepProfiler
-from .recipe import Recipe
+from .recipe import Recipe, batch_statistics_note
 from .rows import RowMaker, Window
 from .run_state import RunState
 from .step import StepRunner
@@ -60,6 +61,7 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)  # the same seed on every rank right before building: equal weights
         model = self.recipe.build_model()
+        self.recipe.check_trainable(model)
         self.run = self.recipe.run_for(model, self.state)  # the recipe's calls, or a LightningModule's
         cls = strategy_class(resolve_name(cfg.strategy, env.world_size))
         self.precision = Precision(cfg.precision, device, use_scaler=cls.uses_torch_scaler)
@@ -84,6 +86,7 @@ class Trainer:
         self.evaluator = Evaluator(val_set, cfg.train.eval_batch_size or self.sizes.micro_batch, env, device,
                                    self.precision, cfg.data.num_workers, self.recipe.collate, self.run, self.watchdog)
         self.stop_requested = False  # set by a signal handler on this rank
+        self.stop_signal: str | None = None  # the first one's name
         self.profiler = StepProfiler.from_config(cfg.train.profile, self.run_dir, device, env.rank, self.state.step)
 
     def make_optimizer(self, model):
@@ -99,6 +102,11 @@ class Trainer:
                 or Schedule(build_scheduler(rates, optimizer, self.total_steps),
                             constant=rates.decay == "constant" and not rates.warmup_steps))
 
+    def length(self) -> str:
+        if self.total_steps is None:
+            return f"{self.cfg.train.epochs} pass(es) of a stream without len(), each as long as the stream"
+        return f"{self.total_steps} steps"
+
     @property
     def step(self) -> int:
         return self.state.step
@@ -109,7 +117,10 @@ class Trainer:
         if self.env.is_main:
             dump_config(self.cfg, self.run_dir / "config.yaml")
         say(f"{self.recipe.name}: {self.strategy.name} on {self.env.world_size} process(es) ({self.device}), "
-            f"{describe_batch(self.cfg, self.sizes)}; {self.total_steps} steps, {self.data.describe()}")
+            f"{describe_batch(self.cfg, self.sizes)}; {self.length()}, {self.data.describe()}")
+        note = batch_statistics_note(self.strategy.model, self.sizes, self.cfg.train.sync_batchnorm)
+        if note:
+            say(note)
         previous = self.install_signal_handlers()
         self.watchdog.start()
         try:
@@ -119,13 +130,15 @@ class Trainer:
             self.run.hook("on_train_end")
             self.save()  # before the final validation: a failure there loses no trained step
             self.checkpointer.wait()
-            self.evaluate(self.data.last_epoch(self.state.step))
+            val = self.evaluate(self.data.last_epoch(self.state.step))
             self.checkpointer.mark_finished(self.state.step)
             self.run.hook("on_fit_end")
             self.run.hook("teardown", "fit")
+            say(self.summary(val))
             outcome = None
         except NonFiniteError as e:
             self.checkpointer.wait()  # an async save still in flight is the last good checkpoint
+            e.args = (f"{e}. {kept_note(self.run_dir)}",)  # what the disk holds, once it is written
             outcome = e
             raise
         except BaseException as e:
@@ -154,13 +167,16 @@ class Trainer:
                     self.first_step_done(window, compiling)
                     first = False
                 self.loggers.advance()
+                epoch_over = self.data.epoch_done(state.step)
+                if epoch_over and state.total_steps is None and epoch + 1 >= self.cfg.train.epochs:
+                    state.total_steps = state.step  # the last pass of a stream of unknown length has ended
                 # One process reads its own stop flag every step, at no cost; several sum theirs at
                 # each row, so that every rank stops together.
                 stop = self.stop_requested and self.env.world_size == 1
                 if state.should_log(state.step):
                     stop = self.log_train(epoch, window, time.perf_counter() - started)
                     window = Window()
-                if self.data.epoch_done(state.step) or state.done:
+                if epoch_over or state.done:
                     self.end_epoch(epoch)
                 if state.should_evaluate(state.step):
                     self.evaluate(epoch)
@@ -169,9 +185,18 @@ class Trainer:
                 if stop:
                     self.save()
                     self.checkpointer.wait()
-                    raise Stopped()
+                    raise Stopped(self.stop_signal or "a signal")
                 if state.done:
                     break
+
+    def summary(self, val: dict | None) -> str:
+        """The last line of a run: what it did, and where its result is."""
+        seconds = round(time.time() - STARTED_AT)
+        metrics = "" if not val else "; " + ", ".join(
+            f"{k}={v:.4g}" for k, v in val.items() if k not in ("step", "epoch", "split") and isinstance(v, float))
+        path = self.checkpointer.dir / step_dir_name(self.state.step)
+        return (f"done: {self.state.step} steps in {seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+                f"{metrics}; checkpoint {path}; its weights as one file: launcher export {self.run_dir} model.safetensors")
 
     def first_step_done(self, window: Window, compiling: bool) -> None:
         """What start-up cost (imports, set-up, a compile's first trace); a compile stays out of the rates."""
@@ -202,8 +227,8 @@ class Trainer:
             self.loggers.log({"step": self.state.step, "epoch": epoch, "split": "train_epoch", **values})
         self.run.hook("on_train_epoch_end")
 
-    def evaluate(self, epoch: int) -> None:
-        """Validation; if it fails, the trained steps are saved first (every rank fails alike)."""
+    def evaluate(self, epoch: int) -> dict | None:
+        """Validation's row; if it fails, the trained steps are saved first (every rank fails alike)."""
         self.steps.read_flags()
         try:
             row = self.evaluator.validate(self.strategy.eval_model, self.state.step, epoch)
@@ -214,6 +239,7 @@ class Trainer:
             raise
         if row is not None:
             self.loggers.log(row)
+        return row
 
     # ------------------------------------------------------------ checkpoints and signals
 
@@ -240,14 +266,27 @@ class Trainer:
         self.checkpointer.last_saved_step = self.state.step  # that checkpoint is this state
         self.data.restore(self.state.step, meta, path)
         self.run.hook("on_load_checkpoint", self.checkpointer.load_extra(path))
-        say(f"resumed from {path} at step {self.state.step}")
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        say((f"restart {restart}: the worker group restarted after a failure and " if restart else "")
+            + f"resumed from {path} at step {self.state.step}")
 
     def install_signal_handlers(self) -> dict:
+        """SIGTERM, SIGUSR1 (SLURM's warning) and a first SIGINT (Ctrl-C) ask for a stop: the run saves at
+        the next step it can (every step on one process, the next row on several) and exits 3. A second
+        SIGINT stops at once, exit 130, saying where a rerun resumes."""
+
         def request_stop(signum, frame):
+            if signum == signal.SIGINT and self.stop_requested:
+                if not os.environ.get("LAUNCHER_SPAWNED"):  # else the launching process says it
+                    say(f"stopped at once by a second SIGINT: {newest_note(self.run_dir)}")
+                raise KeyboardInterrupt  # out through every `finally` (the run dir's hold too): exit 130
+            if signum == signal.SIGINT and not os.environ.get("LAUNCHER_SPAWNED"):
+                say("SIGINT: saving a checkpoint at the next step, then stopping (Ctrl-C again stops at once)")
             self.stop_requested = True
+            self.stop_signal = self.stop_signal or signal.Signals(signum).name
 
         previous = {}
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             try:
                 previous[sig] = signal.signal(sig, request_stop)
             except ValueError:  # not the main thread (e.g. a test harness): no handlers

@@ -224,6 +224,54 @@ def test_stop_signal_checkpoints_at_the_next_step_and_exits_3(tmp_path, sig, npr
     assert_same_weights(weights(tmp_path / "stopped", tmp_path), weights(tmp_path / "full", tmp_path))
 
 
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_ctrl_c_saves_at_the_next_step_and_a_rerun_continues_exactly(tmp_path, nproc):
+    """Ctrl-C is SIGINT to the terminal's foreground process group: here the whole group of the
+    command. It stops the run at the next step it can, after saving, with exit 3 and a message that
+    names what the disk holds; the same command then logs every step once and ends as an
+    uninterrupted run does."""
+    extra = ["--nproc", 2] if nproc == 2 else []
+    check(run(["run", config(tmp_path, "full", recipe=SLOW)] + extra))
+    proc = start(["run", config(tmp_path, "stopped", recipe=SLOW), *extra], start_new_session=True)
+    wait_for_step(tmp_path / "stopped", 5, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, err
+    latest = latest_checkpoint(tmp_path / "stopped" / "checkpoints")
+    step = int(latest.name.split("_")[1])
+    assert 5 <= step < STEPS and max(by_step(tmp_path / "stopped")) <= step + 1
+    assert err.count(f"stopped by SIGINT: the same command resumes from {latest} (step {step})") == 1, err
+    assert "Traceback" not in err
+    check(run(["run", config(tmp_path, "stopped", recipe=SLOW)] + extra))
+    assert by_step(tmp_path / "stopped") == by_step(tmp_path / "full")
+    assert_same_weights(weights(tmp_path / "stopped", tmp_path), weights(tmp_path / "full", tmp_path))
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_a_second_ctrl_c_stops_at_once_and_says_where_a_rerun_resumes(tmp_path, nproc):
+    """The second SIGINT comes while the step the first one is waiting for still runs (each micro-step
+    sleeps 0.3 s): exit 130 at once, naming the checkpoint the disk holds, and a rerun logs every step
+    once and ends as an uninterrupted run does."""
+    extra = ["--nproc", 2] if nproc == 2 else []
+    slow = {**SLOW, "delay_s": 0.3}
+    sections = dict(recipe=slow, train={"max_steps": 8}, checkpoint={"every_steps": 3})
+    check(run(["run", config(tmp_path, "full", **sections)] + extra))
+    proc = start(["run", config(tmp_path, "stopped", **sections), *extra], start_new_session=True)
+    wait_for_step(tmp_path / "stopped", 4, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    latest = latest_checkpoint(tmp_path / "stopped" / "checkpoints")
+    assert latest.name == "step_000003", err  # the step after the first SIGINT was cut short: not saved
+    assert err.count(f"stopped at once by a second SIGINT: the same command resumes from {latest} (step 3)") == 1
+    assert "Traceback" not in err
+    check(run(["run", config(tmp_path, "stopped", **sections)] + extra))
+    assert by_step(tmp_path / "stopped") == by_step(tmp_path / "full")
+    assert_same_weights(weights(tmp_path / "stopped", tmp_path), weights(tmp_path / "full", tmp_path))
+
+
 def test_sigkill_of_a_worker_restarts_and_finishes_the_same(tmp_path):
     recipe = {**SLOW, "delay_s": 0.05}
     check(run(["run", config(tmp_path, "full", recipe=recipe, checkpoint={"every_steps": 5})] + ["--nproc", 2]))
@@ -248,6 +296,18 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_pa
     ckpts = tmp_path / "run" / "checkpoints"
     assert (ckpts / "latest").read_text() == "step_000005"
     assert [r["step"] for r in metrics(tmp_path / "run")[0]] == [1, 2, 3, 4, 5, 6]
+    assert f"The newest checkpoint, {ckpts / 'step_000005'} (step 5), is kept" in proc.stderr  # read from the disk
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_a_loss_that_is_nan_from_step_1_says_so_and_claims_no_checkpoint(tmp_path, nproc):
+    recipe = {"name": "toy_recipes.spike", "hidden": 32, "nan_at": 1}
+    proc = run(["run", config(tmp_path, "run", recipe=recipe)] + (["--nproc", 2] if nproc == 2 else []))
+    assert proc.returncode == 1, proc.stderr
+    err = proc.stderr
+    assert err.count("error:") == 1 and "at step 1, before any update: the loss is not finite" in err, err
+    assert "No checkpoint was saved before it" in err and "is kept" not in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_nonfinite_loss_can_be_skipped(tmp_path):

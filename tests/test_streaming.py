@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.utils.data import IterableDataset
 
-from helpers import check, metrics, run, write_config
+from helpers import check, losses, max_rel, metrics, run, write_config
 from launcher import stream
 from launcher.batch import BatchSizes
 
@@ -285,11 +285,27 @@ def test_eval_stream_counts_every_item_once_with_equal_batches_per_rank():
     assert sorted(seen) == list(range(n)) and rounds == {2}  # ceil(ceil(23 / 3) / 4): every rank runs each forward
 
 
-def test_a_stream_without_length_needs_max_steps(tmp_path):
-    cfg, _ = toy_config(tmp_path, "endless", {"n": None}, train={"max_steps": None})
+@pytest.mark.slow  # two processes
+def test_a_finite_stream_without_length_trains_its_epochs_at_any_world_size(tmp_path):
+    """40 samples a pass, G = 16: each of the 2 passes is 2 steps (the partial third is dropped), found
+    by reading, and the steps are the same on 1 and 2 processes."""
+    sections = dict(train={"max_steps": None, "epochs": 2}, schedule={"decay": "constant"})
+    one = toy_run(tmp_path, "one", 1, {"n": 40}, **sections)
+    two = toy_run(tmp_path, "two", 2, {"n": 40}, **sections)
+    rows = metrics(one / "run")[0]
+    assert [(r["step"], r["epoch"]) for r in rows] == [(1, 0), (2, 0), (3, 1), (4, 1)]
+    consumed = [json.loads(line) for line in (one / "record" / "consumed_0.jsonl").read_text().splitlines()]
+    per_epoch = {e: sorted(p for epochs, pos in consumed for e2, p in zip(epochs, pos) if e2 == e) for e in (0, 1)}
+    assert per_epoch == {0: list(range(32)), 1: list(range(32))}  # each pass up to where it ends, whole steps
+    assert max_rel(losses(one / "run"), losses(two / "run")) < 1e-6
+
+
+def test_a_stream_without_length_refuses_what_needs_the_total(tmp_path):
+    cfg, _ = toy_config(tmp_path, "cosine", {"n": 40}, train={"max_steps": None, "epochs": 2},
+                        schedule={"decay": "cosine"})
     proc = run(["run", cfg])
-    assert proc.returncode == 2 and "set train.max_steps" in proc.stderr, proc.stderr
-    assert not (tmp_path / "endless" / "run").exists()  # found before any worker started
+    assert proc.returncode == 2 and "schedule.decay=cosine needs the run's length" in proc.stderr, proc.stderr
+    assert "set train.max_steps" in proc.stderr and not (tmp_path / "cosine" / "run").exists()
 
 
 def test_gpt_stream_windows_are_gpt_windows():

@@ -236,6 +236,21 @@ def test_ddp_options_reach_ddp(monkeypatch):
         ddp_mod.DDPStrategy.check(cfg, BatchSizes(16, 4, 2, 100), 2, None)
 
 
+def test_sync_batchnorm_converts_the_batchnorm_layers_of_a_multi_process_run():
+    """The conversion itself (SyncBatchNorm's forward needs CUDA, so it is refused on the CPU before any
+    worker: tests/test_bad_inputs.py)."""
+    from launcher.strategies.ddp import DDPStrategy
+
+    cfg = validate({"recipe": {"name": "recipes.digits"}, "strategy": "ddp", "train": {"sync_batchnorm": True}}, "t")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    two = DistEnv("torchrun", rank=0, world_size=2)
+    prepared = DDPStrategy(cfg, two, CPU, Precision("fp32", CPU)).prepare(model)
+    assert isinstance(prepared[1], torch.nn.SyncBatchNorm)
+    one = DDPStrategy(cfg, DistEnv("single"), CPU, Precision("fp32", CPU)).prepare(
+        torch.nn.Sequential(torch.nn.BatchNorm1d(4)))
+    assert type(one[0]) is torch.nn.BatchNorm1d  # one process: nothing to sync
+
+
 def test_fsdp_prefetch_lists():
     from launcher.strategies.fsdp import FSDPStrategy
 

@@ -23,6 +23,37 @@ def test_default_config_reaches_95_percent_in_under_a_minute(tmp_path):
     assert "step=" in proc.stdout  # not a terminal: plain lines
 
 
+def test_a_run_says_where_it_writes_first_and_what_it_did_last(tmp_path):
+    """stderr's first line is the run dir; its last sums the run up: steps, time, the final validation,
+    the newest checkpoint (on the disk) and the export command for it, which works as printed."""
+    proc = check(run(["run", ROOT / "configs" / "digits.yaml", f"run_dir={tmp_path / 'run'}", "train.max_steps=25"]))
+    lines = proc.stderr.strip().splitlines()
+    assert lines[0] == f"run dir: {tmp_path / 'run'}"
+    _, val = metrics(tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000025"
+    assert lines[-1].startswith("done: 25 steps in 0:0") and f"accuracy={val[-1]['accuracy']:.4g}" in lines[-1]
+    assert f"checkpoint {ckpt};" in lines[-1] and ckpt.is_dir()
+    command = lines[-1].split("one file: ")[1].split()
+    assert command[:3] == ["launcher", "export", str(tmp_path / "run")]
+    exported = check(run(command[1:], cwd=tmp_path))
+    assert exported.stdout.strip() == "wrote model.safetensors (the weights of step 25)"
+    assert (tmp_path / "model.safetensors").is_file()
+
+
+def test_batch_statistics_layers_are_named_where_the_math_differs(tmp_path):
+    """BatchNorm normalises over a micro-batch: with accumulation (or several processes) the start-up
+    and `launcher plan` say the steps differ from one process with the whole batch, and why."""
+    sections = dict(recipe={"name": "toy_recipes.batchnorm", "hidden": 32}, train={"max_steps": 2})
+    split = write_config(tmp_path / "a.yaml", digits_config(tmp_path / "a", **{**sections, "train": {
+        "max_steps": 2, "micro_batch_size": 32}}))
+    whole = write_config(tmp_path / "b.yaml", digits_config(tmp_path / "b", **sections))
+    phrase = "1 batch-statistics layer(s) (BatchNorm1d); each normalises over one micro-batch of 32"
+    assert phrase in check(run(["run", split])).stderr
+    assert "batch-statistics" not in check(run(["run", whole])).stderr  # one micro-batch a step: the same math
+    assert phrase in check(run(["plan", split])).stdout
+    assert "sync_batchnorm" in check(run(["plan", whole, "--nproc", 2])).stdout
+
+
 def test_regression_recipe_trains(tmp_path):
     check(run(["run", ROOT / "configs" / "diabetes.yaml", f"run_dir={tmp_path / 'run'}"]))
     train_rows, val_rows = metrics(tmp_path / "run")

@@ -67,6 +67,8 @@ class Strategy:
         and before wrap: FSDP2's fully_shard then goes around both (its hooks stay out of the compiled
         code). Only the unit's own forward changes: parameter names and state dicts stay as they are."""
         t = self.cfg.train
+        if t.sync_batchnorm and self.env.world_size > 1:  # CUDA only: checked before any worker
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         if not (t.activation_checkpointing or t.compile):
             return model
         units = outermost([u for u in self.shard_units(model) if u is not model])

@@ -58,6 +58,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..env import ensure_process_group
+from ..fs import say
 from .base import OptimizerFactory, Strategy, nonfinite
 
 # Keys whose values come from the launcher's batch plan; a user JSON may not contradict them.
@@ -76,6 +77,14 @@ def import_deepspeed():
         "ignore", category=FutureWarning,
         message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
     return deepspeed
+
+
+def shm_op_built() -> bool:
+    """Has DeepSpeed's CPU op been compiled into torch's extension cache already?"""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    return any(root.glob("*/deepspeed_shm_comm/*.so")) or any(root.glob("deepspeed_shm_comm/*.so"))
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -191,6 +200,9 @@ class DeepSpeedStrategy(Strategy):
             os.environ.setdefault(key, str(value))  # DeepSpeed reads these; a plain one-process run lacks them
         model = self.prepare(model.to(self.device))  # activation checkpointing (compile is refused in ds_config)
         optimizer, schedule = make_optimizer(model)  # over the plain module's parameters, before DeepSpeed wraps them
+        if self.device.type == "cpu" and not shm_op_built() and self.env.is_main:
+            say("DeepSpeed builds its CPU communication op (deepspeed_shm_comm) on its first run on this machine: "
+                "about a minute or two, once (it is cached in ~/.cache/torch_extensions)")
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
                                                dist_init_required=False)
         engine.set_gradient_accumulation_boundary(True)  # we say where the boundaries are (no_sync)
