@@ -30,8 +30,9 @@ commands:
 
 Overrides are dotted key=value pairs after the config, parsed as YAML scalars:
 optim.lr=3e-4 recipe.hidden=256 train.max_steps=100.
-Exit codes: 0 done, 1 training failed, 2 bad input, 3 stopped by SIGTERM/SIGUSR1
-after saving a checkpoint (run the same command again to resume).
+Exit codes: 0 done, 1 training failed, 2 bad input, 3 stopped by SIGTERM/SIGUSR1 or
+Ctrl-C after saving a checkpoint (run the same command again to resume), 130 a second
+Ctrl-C stopped it at once (the message says where a rerun resumes).
 """
 
 

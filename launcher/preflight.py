@@ -8,7 +8,6 @@ size. Each raises ConfigError (exit 2) with a message that says what is wrong an
 from __future__ import annotations
 
 import importlib.util
-import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from .optim import implementation
 from .recipe import Recipe, RecipeError, unwrap_lightning, user_traceback
 from .strategies import resolve_name, strategy_class
 from .strategies.base import check_checkpoint_units, default_shard_units, outermost
-from .stream import is_stream, shards_by_rank, train_length
+from .stream import is_stream, train_length
 
 
 @dataclass
@@ -99,14 +98,12 @@ def check_first_batch(cfg: Config, recipe: Recipe, train_set, sizes: BatchSizes,
 
 
 def first_micro_batch(recipe: Recipe, train_set, size: int):
-    """The first micro-batch as the loader would collate it; None for a stream that shards itself
-    (it reads its part only inside a worker)."""
-    if shards_by_rank(train_set):
-        return None
+    """The first micro-batch of a map-style set as the loader would collate it. None for a stream:
+    reading one is not free of effects (a stateful reader, a log of what was read) and is the
+    workers' to do."""
     if is_stream(train_set):
-        items = list(itertools.islice(iter(train_set), size))
-    else:
-        items = [train_set[i] for i in range(min(size, len(train_set)))]
+        return None
+    items = [train_set[i] for i in range(min(size, len(train_set)))]
     collate = recipe.collate or default_collate
     try:
         return collate(items)

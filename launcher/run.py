@@ -82,15 +82,15 @@ def run_worker(cfg: Config, env, recipe) -> int:
     # Under torchrun: the failing rank's traceback goes into the launcher's summary.
     try:
         record(train)(cfg, env, device, recipe)
+    except errors.TrainingError as e:  # before RuntimeError, which it is
+        error(str(e))
+        return errors.FAILED
     except (DistError, RuntimeError) as e:
         if not (restarting() and lost_a_peer(e)):
             raise
         # Another rank died: torchrun restarts the group, which resumes. One line, not a traceback.
         error(f"rank {env.rank} lost contact with another rank ({str(e).splitlines()[0][:160]}); torchrun restarts "
               "the worker group (--max-restarts), which resumes from the newest checkpoint")
-        return errors.FAILED
-    except errors.TrainingError as e:
-        error(str(e))
         return errors.FAILED
     except errors.Stopped as e:
         from .checkpoint import newest_note

@@ -106,8 +106,10 @@ def set_worker_threads(nproc: int) -> None:
     say(f"each of the {nproc} workers uses {threads} CPU thread(s) (OMP_NUM_THREADS={threads}; set it to choose)")
 
 
-def children() -> list[int]:
-    """This process's live child processes (the workers), from /proc."""
+def children(parent: int | None = None) -> list[int]:
+    """The live child processes of `parent` (default: this process, whose children are the workers),
+    from /proc."""
+    parent = os.getpid() if parent is None else parent
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -116,6 +118,6 @@ def children() -> list[int]:
             except OSError:
                 continue
             fields = stat.rsplit(")", 1)[1].split()
-            if int(fields[1]) == os.getpid() and fields[0] != "Z":
+            if int(fields[1]) == parent and fields[0] != "Z":
                 found.append(int(entry.name))
     return found

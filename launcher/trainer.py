@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 
 from . import STARTED_AT
 from .batch import batch_sizes, describe_batch, total_steps
-from .checkpoint import Checkpointer, kept_note, newest_note, resume_from, step_dir_name
+from .checkpoint import Checkpointer, kept_note, resume_from, step_dir_name
 from .config import Config, dump_config
 from .env import DistEnv, rendezvous
 from .errors import NonFiniteError, Stopped
@@ -34,6 +33,7 @@ from .profiling import StepProfiler
 from .recipe import Recipe, batch_statistics_note
 from .rows import RowMaker, Window
 from .run_state import RunState
+from .signals import StopSignals
 from .step import StepRunner
 from .stream import train_data, train_length
 from .strategies import resolve_name, strategy_class
@@ -85,8 +85,7 @@ class Trainer:
                              self.recipe.per_sample("tokens_per_sample"), self.recipe.per_sample("flops_per_sample"))
         self.evaluator = Evaluator(val_set, cfg.train.eval_batch_size or self.sizes.micro_batch, env, device,
                                    self.precision, cfg.data.num_workers, self.recipe.collate, self.run, self.watchdog)
-        self.stop_requested = False  # set by a signal handler on this rank
-        self.stop_signal: str | None = None  # the first one's name
+        self.signals = StopSignals(self.run_dir)
         self.profiler = StepProfiler.from_config(cfg.train.profile, self.run_dir, device, env.rank, self.state.step)
 
     def make_optimizer(self, model):
@@ -121,7 +120,7 @@ class Trainer:
         note = batch_statistics_note(self.strategy.model, self.sizes, self.cfg.train.sync_batchnorm)
         if note:
             say(note)
-        previous = self.install_signal_handlers()
+        self.signals.install()
         self.watchdog.start()
         try:
             self.run.hook("on_fit_start")
@@ -147,7 +146,7 @@ class Trainer:
         finally:
             self.profiler.close()
             self.watchdog.close()
-            restore_signal_handlers(previous)
+            self.signals.restore()
             self.loggers.close(outcome)
 
     def train_loop(self) -> None:
@@ -167,16 +166,17 @@ class Trainer:
                     self.first_step_done(window, compiling)
                     first = False
                 self.loggers.advance()
-                epoch_over = self.data.epoch_done(state.step)
+                # A stream finds its epoch's end by reading ahead: not past the run's last step.
+                epoch_over = state.done or self.data.epoch_done(state.step)
                 if epoch_over and state.total_steps is None and epoch + 1 >= self.cfg.train.epochs:
                     state.total_steps = state.step  # the last pass of a stream of unknown length has ended
                 # One process reads its own stop flag every step, at no cost; several sum theirs at
                 # each row, so that every rank stops together.
-                stop = self.stop_requested and self.env.world_size == 1
+                stop = self.signals.requested and self.env.world_size == 1
                 if state.should_log(state.step):
                     stop = self.log_train(epoch, window, time.perf_counter() - started)
                     window = Window()
-                if epoch_over or state.done:
+                if epoch_over:
                     self.end_epoch(epoch)
                 if state.should_evaluate(state.step):
                     self.evaluate(epoch)
@@ -185,7 +185,7 @@ class Trainer:
                 if stop:
                     self.save()
                     self.checkpointer.wait()
-                    raise Stopped(self.stop_signal or "a signal")
+                    raise Stopped(self.signals.first or "a signal")
                 if state.done:
                     break
 
@@ -213,7 +213,7 @@ class Trainer:
         signal reached any rank."""
         self.watchdog.beat(self.state.step, 0, "logging")
         self.steps.read_flags()
-        row, stopping = self.rows.row(self.state.step, epoch, window, elapsed, self.stop_requested)
+        row, stopping = self.rows.row(self.state.step, epoch, window, elapsed, self.signals.requested)
         if self.state.skipped_steps:
             row["skipped_steps"] = self.state.skipped_steps
         row.update(self.run.step_values())
@@ -241,7 +241,7 @@ class Trainer:
             self.loggers.log(row)
         return row
 
-    # ------------------------------------------------------------ checkpoints and signals
+    # ------------------------------------------------------------ checkpoints
 
     def save(self) -> None:
         self.steps.read_flags()  # a step skipped for a non-finite gradient under on_nonfinite=stop saves nothing
@@ -269,34 +269,6 @@ class Trainer:
         restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         say((f"restart {restart}: the worker group restarted after a failure and " if restart else "")
             + f"resumed from {path} at step {self.state.step}")
-
-    def install_signal_handlers(self) -> dict:
-        """SIGTERM, SIGUSR1 (SLURM's warning) and a first SIGINT (Ctrl-C) ask for a stop: the run saves at
-        the next step it can (every step on one process, the next row on several) and exits 3. A second
-        SIGINT stops at once, exit 130, saying where a rerun resumes."""
-
-        def request_stop(signum, frame):
-            if signum == signal.SIGINT and self.stop_requested:
-                if not os.environ.get("LAUNCHER_SPAWNED"):  # else the launching process says it
-                    say(f"stopped at once by a second SIGINT: {newest_note(self.run_dir)}")
-                raise KeyboardInterrupt  # out through every `finally` (the run dir's hold too): exit 130
-            if signum == signal.SIGINT and not os.environ.get("LAUNCHER_SPAWNED"):
-                say("SIGINT: saving a checkpoint at the next step, then stopping (Ctrl-C again stops at once)")
-            self.stop_requested = True
-            self.stop_signal = self.stop_signal or signal.Signals(signum).name
-
-        previous = {}
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-            try:
-                previous[sig] = signal.signal(sig, request_stop)
-            except ValueError:  # not the main thread (e.g. a test harness): no handlers
-                pass
-        return previous
-
-
-def restore_signal_handlers(previous: dict) -> None:
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)
 
 
 def train(cfg: Config, env: DistEnv, device: torch.device, recipe: Recipe | None = None) -> None:

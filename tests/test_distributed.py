@@ -6,6 +6,7 @@ all-reduce), so losses agree to a relative 1e-5 and weights to an absolute 1e-5
 over 20 steps; measured differences are around 1e-7.
 """
 import json
+import os
 import random
 import subprocess
 import sys
@@ -255,6 +256,20 @@ def test_every_shipped_config_trains_at_1_and_2_processes(tmp_path, config, npro
     rows, val = metrics(tmp_path / "run")
     assert [r["step"] for r in rows][-1] == 3 and len(val) == 1
     assert f"on {nproc} process(es)" in proc.stderr
+
+
+def test_nproc_sets_the_worker_threads_itself_and_says_so_once(tmp_path):
+    """torchrun's OMP_NUM_THREADS banner does not open a run: the launcher sets the threads and says so."""
+    env = worker_env()
+    env.pop("OMP_NUM_THREADS")
+    proc = subprocess.run([sys.executable, "-m", "launcher", "run", ROOT / "configs" / "digits.yaml", "--nproc", "2",
+                           "train.max_steps=2", f"run_dir={tmp_path / 'run'}"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Setting OMP_NUM_THREADS environment variable" not in proc.stderr + proc.stdout
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    assert proc.stderr.count(f"each of the 2 workers uses {threads} CPU thread(s)") == 1, proc.stderr
+    assert proc.stderr.splitlines()[0] == f"run dir: {tmp_path / 'run'}"
 
 
 def test_two_nodes_on_loopback_train_as_one_job(tmp_path, reference_2proc):

@@ -40,6 +40,7 @@ def test_a_run_says_where_it_writes_first_and_what_it_did_last(tmp_path):
     assert (tmp_path / "model.safetensors").is_file()
 
 
+@pytest.mark.slow  # four short runs
 def test_batch_statistics_layers_are_named_where_the_math_differs(tmp_path):
     """BatchNorm normalises over a micro-batch: with accumulation (or several processes) the start-up
     and `launcher plan` say the steps differ from one process with the whole batch, and why."""
