@@ -134,6 +134,7 @@ def test_run_refuses_a_held_run_dir_before_writing_anything(tmp_path):
     assert tree(tmp_path) == before
 
 
+@pytest.mark.slow  # trains: test_a_dead_holder_is_taken_over_with_a_warning_and_released has the rule
 def test_run_takes_over_a_dead_runs_hold(tmp_path):
     pid = dead_pid()
     run_dir = tmp_path / "run"
@@ -168,6 +169,7 @@ def test_two_runs_started_together_one_runs_the_other_is_refused(tmp_path):
     assert [row["step"] for row in metrics(run_dir)[0]] == list(range(1, 41))
 
 
+@pytest.mark.slow
 def test_run_on_a_run_dir_its_slurm_job_holds_is_not_refused(tmp_path):
     run_dir = tmp_path / "run"
     config = write_config(tmp_path / "c.yaml", digits_config(run_dir))

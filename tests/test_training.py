@@ -23,6 +23,7 @@ def test_default_config_reaches_95_percent_in_under_a_minute(tmp_path):
     assert "step=" in proc.stdout  # not a terminal: plain lines
 
 
+@pytest.mark.slow  # a run and an export
 def test_a_run_says_where_it_writes_first_and_what_it_did_last(tmp_path):
     """stderr's first line is the run dir; its last sums the run up: steps, time, the final validation,
     the newest checkpoint (on the disk) and the export command for it, which works as printed."""
