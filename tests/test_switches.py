@@ -251,6 +251,19 @@ def test_sync_batchnorm_converts_the_batchnorm_layers_of_a_multi_process_run():
     assert type(one[0]) is torch.nn.BatchNorm1d  # one process: nothing to sync
 
 
+def test_a_first_deepspeed_run_on_the_cpu_knows_it_builds_an_op(tmp_path, monkeypatch):
+    """DeepSpeed compiles its CPU communication op once per machine (a minute or two, silent): the
+    launcher says so before, where torch's extension cache does not hold it yet."""
+    from launcher.strategies.deepspeed import shm_op_built
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert not shm_op_built()
+    built = tmp_path / "py311_cpu" / "deepspeed_shm_comm"
+    built.mkdir(parents=True)
+    (built / "deepspeed_shm_comm.so").write_bytes(b"")
+    assert shm_op_built()
+
+
 def test_fsdp_prefetch_lists():
     from launcher.strategies.fsdp import FSDPStrategy
 
