@@ -26,7 +26,7 @@ from .env import DistEnv, rendezvous
 from .errors import NonFiniteError, Stopped
 from .evaluation import Evaluator
 from .fs import say
-from .loggers import Loggers
+from .loggers import Loggers, hms
 from .optim import Schedule, build_optimizer, build_scheduler
 from .precision import Precision
 from .profiling import StepProfiler
@@ -191,12 +191,11 @@ class Trainer:
 
     def summary(self, val: dict | None) -> str:
         """The last line of a run: what it did, and where its result is."""
-        seconds = round(time.time() - STARTED_AT)
         metrics = "" if not val else "; " + ", ".join(
             f"{k}={v:.4g}" for k, v in val.items() if k not in ("step", "epoch", "split") and isinstance(v, float))
         path = self.checkpointer.dir / step_dir_name(self.state.step)
-        return (f"done: {self.state.step} steps in {seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-                f"{metrics}; checkpoint {path}; its weights as one file: launcher export {self.run_dir} model.safetensors")
+        return (f"done: {self.state.step} steps in {hms(time.time() - STARTED_AT)}{metrics}; checkpoint {path}; "
+                f"its weights as one file: launcher export {self.run_dir} model.safetensors")
 
     def first_step_done(self, window: Window, compiling: bool) -> None:
         """What start-up cost (imports, set-up, a compile's first trace); a compile stays out of the rates."""
