@@ -6,6 +6,7 @@ The run dir is held while the command runs (launcher/hold.py): a second run on i
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -30,7 +31,10 @@ def cmd_run(args) -> int:
             raise
         if code == errors.BAD_INPUT:
             remove_if_untouched(run_dir, fresh)
-        return code
+    if fresh and is_main_process():  # made for the hold, and nothing written (the peers never came, say)
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()
+    return code
 
 
 def remove_if_untouched(run_dir: Path, fresh: bool) -> None:
