@@ -64,7 +64,10 @@ def check_writable(path: Path, what: str | None = None, fix: str = "choose anoth
 def global_rank() -> int:
     """This process's rank in the job, from the launch variables: 0 in the launching process and
     in a single process (torchrun and accelerate set RANK, srun SLURM_PROCID)."""
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0)
+    try:
+        return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0)
+    except ValueError:  # a bad RANK is bad input (preflight says so): until then, speak
+        return 0
 
 
 def is_main_process() -> bool:
