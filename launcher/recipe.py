@@ -67,7 +67,7 @@ class Recipe:
     module: Any
     cfg: Any  # the recipe's Config instance, or None
     _data: tuple | None = dataclasses.field(default=None, repr=False)
-    _lightning: bool | None = dataclasses.field(default=None, repr=False)
+    _meta_model: nn.Module | None = dataclasses.field(default=None, repr=False)
 
     @classmethod
     def load(cls, section: dict, origin: str = "the config") -> "Recipe":
@@ -108,14 +108,15 @@ class Recipe:
 
     def is_lightning(self) -> bool:
         """Does model() return a LightningModule-shaped module (training_step, configure_optimizers)?"""
-        if self._lightning is None:
-            self._lightning = isinstance(self.check_model(), LightningAdapter)
-        return self._lightning
+        return isinstance(self.check_model(), LightningAdapter)
 
     def check_model(self) -> nn.Module:
-        """model() built on the meta device (no memory, no init cost), to check what it returns."""
-        with torch.device("meta"):
-            return self.build_model()
+        """model() built on the meta device (no memory, no init cost), to check what it returns; built
+        once per Recipe, as the checks before any worker each look at it."""
+        if self._meta_model is None:
+            with torch.device("meta"):
+                self._meta_model = self.build_model()
+        return self._meta_model
 
     def _call(self, what: str, fn: Callable, *args):
         try:
