@@ -20,11 +20,13 @@ EPILOG = """\
 commands:
   launcher run CONFIG [key=value ...]             train (one process, or the workers of torchrun / srun)
   launcher run CONFIG --nproc 2 strategy=ddp      spawn 2 local workers through torch.distributed.run
+  launcher run CONFIG --nproc 8 --nnodes 2:4 --rdzv-endpoint HOST:PORT   elastic: 2 to 4 nodes, each runs this
   torchrun --nproc_per_node 2 -m launcher run CONFIG
   launcher plan CONFIG --nproc 8 [--nnodes 2]     batch math and memory per rank for every strategy, no training
   launcher ls                                     the recipes and configs that ship
   launcher export RUN_DIR [--step N] OUT.safetensors
   launcher slurm CONFIG --nodes 4 --gpus-per-node 8 --submit   write RUN_DIR/slurm/job.sbatch and submit it
+  launcher k8s CONFIG --nodes 2:4 --image IMAGE --pvc CLAIM    write RUN_DIR/k8s/job.yaml, an elastic PyTorchJob
   launcher plot RUN_DIR [RUN_DIR ...] --out runs.png  loss, lr and throughput of runs, overlaid
   launcher new NAME [--dir DIR]                   write NAME.py and NAME.yaml, a recipe that trains as written
 
@@ -40,7 +42,7 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     p = argparse.ArgumentParser(prog="launcher", description="Train a PyTorch recipe on one CPU, "
                                 "a workstation's GPUs or a SLURM cluster.", epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{run,plan,ls,export,slurm,plot,new}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{run,plan,ls,export,slurm,k8s,plot,new}")
 
     run = sub.add_parser("run", help="train a config",
                          description="Train CONFIG with optional key=value overrides.\nEvery config key, its type, "
@@ -48,13 +50,22 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
                          epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(run)
     run.add_argument("--nproc", type=int, default=None, help="spawn this many local workers (torch.distributed.run)")
-    run.add_argument("--nnodes", type=int, default=None,
-                     help="nodes taking part (with --nproc and --rdzv-endpoint; under srun: SLURM_NNODES)")
-    run.add_argument("--node-rank", type=int, default=None, help="this node's rank among --nnodes (under srun: SLURM_NODEID)")
+    run.add_argument("--nnodes", default=None, metavar="N|MIN:MAX",
+                     help="nodes taking part (with --nproc and --rdzv-endpoint; under srun: SLURM_NNODES). MIN:MAX: "
+                     "elastic, nodes may leave and join while the job runs (torchrun's c10d rendezvous)")
+    run.add_argument("--node-rank", type=int, default=None,
+                     help="this node's rank among N nodes (under srun: SLURM_NODEID); none with MIN:MAX")
     run.add_argument("--rdzv-endpoint", default=None,
                      help="host:port every node meets at (multi-node; under srun: the job's first node)")
-    run.add_argument("--max-restarts", type=int, default=0,
-                     help="restart the worker group this often after a failure; it resumes from the latest checkpoint")
+    run.add_argument("--rdzv-id", default=None,
+                     help="MIN:MAX: the job's id, the same on every node (default: the SLURM job id, else one "
+                     "derived from the endpoint and the run dir)")
+    run.add_argument("--rdzv-conf", default=None, metavar="KEY=VALUE,...",
+                     help="MIN:MAX: settings of torchrun's c10d rendezvous, e.g. last_call_timeout=30,"
+                     "keep_alive_interval=5,keep_alive_max_attempt=3 (join_timeout is dist.timeout_s)")
+    run.add_argument("--max-restarts", type=int, default=None,
+                     help="restart the worker group this often after a failure (a lost node is one); it resumes "
+                     "from the newest checkpoint. Default 0, or 3 with MIN:MAX")
 
     from .plan import add_arguments as add_plan_arguments
 
@@ -79,6 +90,15 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
                            "after a preemption (SIGUSR1) and, a bounded number of times, after a failure.")
     add_config_args(slurm)
     add_slurm_arguments(slurm)
+
+    from .k8s import add_arguments as add_k8s_arguments
+
+    k8s = sub.add_parser("k8s", help="write a Kubernetes manifest (a Kubeflow PyTorchJob) for an elastic job",
+                         description="Check CONFIG for MIN to MAX nodes x P workers and write RUN_DIR/k8s/job.yaml: "
+                         "a ConfigMap with the resolved config and a Kubeflow PyTorchJob whose pods run `launcher run "
+                         "--nnodes MIN:MAX` with the c10d rendezvous. Apply it with kubectl apply -f.")
+    add_config_args(k8s)
+    add_k8s_arguments(k8s)
 
     from .plot import add_arguments as add_plot_arguments
 
@@ -175,6 +195,7 @@ COMMANDS = {
     "ls": cmd_ls,
     "export": command("export", "cmd_export"),
     "slurm": command("slurm", "cmd_slurm"),
+    "k8s": command("k8s", "cmd_k8s"),
     "plot": command("plot", "cmd_plot"),
     "new": command("new", "cmd_new"),
 }

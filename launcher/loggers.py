@@ -45,6 +45,14 @@ def keep_rows_up_to(path: Path, step: int) -> None:
     write_atomic(path, "".join(r + "\n" for r in kept))
 
 
+def last_logged_step(path: Path) -> int | None:
+    """The step of the last training row of a metrics.jsonl, None if it has none."""
+    if not path.exists():
+        return None
+    steps = [row_step(line) for line in path.read_text().splitlines() if '"split"' not in line]
+    return max((int(s) for s in steps if s != float("inf")), default=None)
+
+
 def row_step(line: str) -> float:
     """A row's step; a line cut off by a crash mid-write counts as past any checkpoint."""
     try:

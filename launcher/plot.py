@@ -118,6 +118,15 @@ def series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
     return [s for s, _ in points], [v for _, v in points]
 
 
+def resizes(runs: list[Run]) -> list[tuple[float, int, int]]:
+    """(step, old, new) where an elastic job's world size changed between two training rows."""
+    found = []
+    for run in runs:
+        sizes = [(number(r["step"]), r.get("world_size")) for r in run.train if isinstance(r.get("world_size"), int)]
+        found += [(step, old, new) for (_, old), (step, new) in zip(sizes, sizes[1:]) if new != old]
+    return found
+
+
 def draw(fig, runs: list[Run]) -> None:
     from matplotlib.lines import Line2D
 
@@ -134,6 +143,11 @@ def draw(fig, runs: list[Run]) -> None:
             ax.plot(*series(run.train, key), color=colour, lw=1.5)
             if key == "loss":
                 ax.plot(*series(run.val, "val_loss"), color=colour, lw=1.5, ls="--", marker="o", ms=4)
+        for step, old, new in resizes(runs):
+            ax.axvline(step, color="grey", lw=1, ls=":")
+            if key == "loss":
+                ax.annotate(f"{old}\u2192{new}", (step, 1), xycoords=("data", "axes fraction"), fontsize=8,
+                            color="grey", ha="left", va="top", xytext=(2, -2), textcoords="offset points")
     for ax in axes[2:]:
         ax.set_xlabel("step")
     loss_ax = axes[0]

@@ -8,6 +8,7 @@ size. Each raises ConfigError (exit 2) with a message that says what is wrong an
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,24 +208,28 @@ def check_launch_variables(environ=None) -> None:
 
 
 def check_node_launch(args, env) -> None:
-    """--nproc: this process starts the workers of one node. Fills --nnodes, --node-rank and
+    """--nproc: this process starts the workers of one node. Sets args.min_nodes and args.max_nodes
+    from --nnodes (N, or MIN:MAX for an elastic job), and fills --nnodes, --node-rank and
     --rdzv-endpoint from SLURM when it runs as one srun task per node."""
     if args.nproc is None:
         given = [flag for flag, value in (("--nnodes", args.nnodes), ("--node-rank", args.node_rank),
-                                          ("--rdzv-endpoint", args.rdzv_endpoint)) if value is not None]
-        if given or args.max_restarts:
-            raise ConfigError(f"{', '.join(given or ['--max-restarts'])} need --nproc N (the workers this launcher "
-                              "starts on this node); without --nproc the process trains by itself")
+                                          ("--rdzv-endpoint", args.rdzv_endpoint), ("--rdzv-id", args.rdzv_id),
+                                          ("--rdzv-conf", args.rdzv_conf), ("--max-restarts", args.max_restarts))
+                 if value is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} need --nproc N (the workers this launcher starts on this node); "
+                              "without --nproc the process trains by itself")
         return
     if env.launcher == "torchrun":
         raise ConfigError("--nproc inside a worker that torchrun (or accelerate launch) already started: drop "
                           "--nproc, the outer launcher starts the workers")
     if args.nproc < 1:
         raise ConfigError(f"--nproc {args.nproc}: it must be at least 1 (the workers to start on this node)")
-    if args.nnodes is not None and args.nnodes < 1:
-        raise ConfigError(f"--nnodes {args.nnodes}: it must be at least 1 (the nodes taking part)")
-    if args.max_restarts < 0:
+    if args.max_restarts is not None and args.max_restarts < 0:
         raise ConfigError(f"--max-restarts {args.max_restarts}: it must be 0 or more")
+    if args.nnodes is not None:
+        args.min_nodes, args.max_nodes = parse_nodes(args.nnodes, "--nnodes", ":")
+        args.nnodes = args.max_nodes
     if env.launcher == "slurm":
         if env.local_world_size > 1:
             raise ConfigError(
@@ -235,10 +240,79 @@ def check_node_launch(args, env) -> None:
             args.node_rank = env.node_rank if args.node_rank is None else args.node_rank
             if args.nnodes > 1 and not args.rdzv_endpoint:
                 args.rdzv_endpoint = f"{env.master_addr}:{env.master_port}"
-    args.nnodes = args.nnodes or 1
+    if args.nnodes is None:
+        args.min_nodes = args.max_nodes = args.nnodes = 1
+    elif not hasattr(args, "min_nodes"):
+        args.min_nodes = args.max_nodes = args.nnodes
+    args.elastic = args.min_nodes < args.max_nodes
+    if args.max_restarts is None:
+        args.max_restarts = ELASTIC_RESTARTS if args.elastic else 0
+    if args.elastic:
+        check_elastic_launch(args)
+        return
+    for flag, value in (("--rdzv-id", args.rdzv_id), ("--rdzv-conf", args.rdzv_conf)):
+        if value is not None:
+            raise ConfigError(f"{flag} is for an elastic job (--nnodes MIN:MAX with MIN < MAX): the static rendezvous "
+                              "of a fixed number of nodes has no id and no settings")
     if args.node_rank is not None and not 0 <= args.node_rank < args.nnodes:
         raise ConfigError(f"--node-rank {args.node_rank} is outside --nnodes {args.nnodes}: the nodes are numbered "
                           f"0 to {args.nnodes - 1}")
     if args.nnodes > 1 and not args.rdzv_endpoint:
         raise ConfigError(f"--nnodes {args.nnodes} needs --rdzv-endpoint HOST:PORT (the same on every node) and "
                           "--node-rank on each node")
+
+
+ELASTIC_RESTARTS = 3  # the failures (a lost node is one) an elastic job survives unless --max-restarts says
+
+
+def check_elastic_launch(args) -> None:
+    nodes = f"--nnodes {args.min_nodes}:{args.max_nodes}"
+    if args.node_rank is not None:
+        raise ConfigError(f"--node-rank with {nodes}: an elastic job numbers its nodes itself at each rendezvous; "
+                          "drop --node-rank (every node runs the same command)")
+    if not args.rdzv_endpoint:
+        raise ConfigError(f"{nodes} needs --rdzv-endpoint HOST:PORT, the same on every node: the node at that "
+                          "address hosts the rendezvous and must stay up for the whole job")
+    if args.rdzv_conf is not None:
+        for item in args.rdzv_conf.split(","):
+            key, eq, value = item.partition("=")
+            if not eq or not key.strip() or not value.strip():
+                raise ConfigError(f"--rdzv-conf {args.rdzv_conf}: write KEY=VALUE pairs separated by commas, e.g. "
+                                  "last_call_timeout=30,keep_alive_interval=5")
+
+
+def parse_nodes(text: str, flag: str, sep: str) -> tuple[int, int]:
+    """N or MIN<sep>MAX (`--nnodes 2:4`, sbatch's `--nodes 2-4`) -> (MIN, MAX)."""
+    parts = str(text).split(sep)
+    try:
+        low, high = (int(parts[0]), int(parts[-1])) if len(parts) in (1, 2) else (0, -1)
+    except ValueError:
+        low, high = 0, -1
+    if low < 1 or high < low:
+        raise ConfigError(f"{flag} {text}: give a number of nodes N (at least 1), or MIN{sep}MAX with 1 <= MIN <= MAX (an elastic "
+                          f"job that runs on MIN to MAX nodes, e.g. {flag} 2{sep}4)")
+    return low, high
+
+
+def check_node_range(cfg: Config, nproc: int, min_nodes: int, max_nodes: int) -> None:
+    """An elastic job may run at every world size from MIN x P to MAX x P: its batch math and its
+    strategy must hold at each (docs/design.md, Elastic jobs)."""
+    if min_nodes == max_nodes:
+        return
+    worlds = [n * nproc for n in range(min_nodes, max_nodes + 1)]
+    nodes = f"{min_nodes} to {max_nodes} nodes x {nproc} worker(s)"
+    name = resolve_name(cfg.strategy, worlds[-1])
+    if name == "deepspeed":
+        raise ConfigError(f"strategy=deepspeed cannot run elastic ({nodes}): a DeepSpeed checkpoint resumes only at "
+                          "the world size that wrote it. Use strategy=ddp or fsdp, or a fixed number of nodes")
+    G = cfg.train.global_batch_size
+    uneven = [w for w in worlds if G % w]
+    if uneven:
+        step = math.lcm(*worlds)
+        fits = sorted({max(step, G // step * step), -(-G // step) * step})
+        raise ConfigError(
+            f"train.global_batch_size={G} cannot be split evenly at world size {', '.join(map(str, uneven))}, which "
+            f"this elastic job ({nodes}) may take: the accumulation would not be whole. Set it to a multiple of "
+            f"{step} that fits every size, such as {' or '.join(map(str, fits))}, or narrow --nnodes")
+    for world in worlds:
+        strategy_class(resolve_name(cfg.strategy, world)).check(cfg, batch_sizes(cfg, world), world, nproc)

@@ -79,6 +79,7 @@ class RowMaker:
             "lr": last.lr, "grad_norm": last.grad_norm.item() if last.grad_norm is not None else float("nan"),
             "step_time": seconds / steps, "data_wait": min(1.0, window.data_wait / max(seconds, 1e-9)),
             "samples_per_s": samples_per_s, "time": round(elapsed, 3),
+            "world_size": self.world_size,  # an elastic job's changes: `launcher plot` marks them
         }
         if self.tokens_per_sample:
             row["tokens_per_s"] = samples_per_s * self.tokens_per_sample

@@ -44,24 +44,30 @@ def remove_if_untouched(run_dir: Path, fresh: bool) -> None:
 
 def check_and_run(cfg: Config, args) -> int:
     from .env import detect
-    from .preflight import check_inputs, check_launch_variables, check_node_launch, finished
+    from .preflight import check_inputs, check_launch_variables, check_node_launch, check_node_range, finished
 
     check_launch_variables()
     env = detect()
     check_node_launch(args, env)
-    world = args.nproc * args.nnodes if args.nproc else env.world_size
+    if args.nproc:
+        check_node_range(cfg, args.nproc, args.min_nodes, args.max_nodes)  # every size an elastic job may take
+    world = args.nproc * args.max_nodes if args.nproc else env.world_size
     checked = check_inputs(cfg, world, args.config, probe_step=bool(args.nproc))
     if not os.environ.get("LAUNCHER_SPAWNED"):  # the workers of --nproc: the launching process said it
         say(f"run dir: {Path(cfg.run_dir).resolve()}")
     if cfg.checkpoint.resume == "auto" and checked.resume is not None and finished(checked.resume, cfg, checked.sizes):
         return errors.DONE  # rerunning a finished run (an explicit checkpoint.resume starts a new one)
     if args.nproc:
-        from .spawn import spawn
+        from .spawn import Elastic, rdzv_id, spawn
 
         del checked  # and the data set built to check it: the workers build their own
+        elastic = None
+        if args.elastic:
+            elastic = Elastic(args.min_nodes, args.max_nodes, args.rdzv_id or rdzv_id(args.rdzv_endpoint, cfg.run_dir),
+                              args.rdzv_conf)
         return spawn([args.config, *args.overrides], run_dir=Path(cfg.run_dir), nproc=args.nproc, nnodes=args.nnodes,
                      node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint, max_restarts=args.max_restarts,
-                     timeout_s=cfg.dist.timeout_s)
+                     timeout_s=cfg.dist.timeout_s, elastic=elastic)
     return run_worker(cfg, env, checked.recipe)
 
 

@@ -8,14 +8,18 @@ without saving (exit 130). What this process then says about checkpoints is read
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import signal
+import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch.distributed import DistError
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.elastic.rendezvous.api import RendezvousError, RendezvousTimeoutError
 from torch.distributed.run import get_args_parser, run
 
 from .checkpoint import newest_note
@@ -23,8 +27,30 @@ from .errors import BAD_INPUT, DONE, FAILED, STOPPED
 from .fs import error, say
 
 
+@dataclass(frozen=True)
+class Elastic:
+    """An elastic job's rendezvous (docs/design.md, Elastic jobs): MIN to MAX nodes meet under one id."""
+
+    min_nodes: int
+    max_nodes: int
+    run_id: str
+    conf: str | None = None  # more c10d settings, KEY=VALUE,...
+
+
+def rdzv_id(endpoint: str, run_dir: str) -> str:
+    """The id every node of an elastic job derives alike: the SLURM job's, else one from the endpoint
+    and the run dir (another job on either gets another id)."""
+    if os.environ.get("SLURM_JOB_ID"):
+        return f"slurm-{os.environ['SLURM_JOB_ID']}"
+    digest = hashlib.sha256(f"{endpoint}|{Path(run_dir).resolve()}".encode()).hexdigest()[:16]
+    return f"launcher-{digest}"
+
+
 def torchrun_args(worker_argv: list[str], nproc: int, nnodes: int, node_rank: int | None,
-                  rdzv_endpoint: str | None, max_restarts: int, timeout_s: float = 600) -> list[str]:
+                  rdzv_endpoint: str | None, max_restarts: int, timeout_s: float = 600,
+                  elastic: Elastic | None = None) -> list[str]:
+    if elastic is not None:
+        nnodes = f"{elastic.min_nodes}:{elastic.max_nodes}"
     args = ["--nproc-per-node", str(nproc), "--nnodes", str(nnodes), "--max-restarts", str(max_restarts),
             # SIGUSR1 too (SLURM's preemption warning): the agent passes it on to the workers,
             # which checkpoint at the next step and exit 3.
@@ -32,7 +58,13 @@ def torchrun_args(worker_argv: list[str], nproc: int, nnodes: int, node_rank: in
             "--signals-to-handle", "SIGTERM,SIGHUP,SIGQUIT,SIGUSR1"]
     if "--shutdown-timeout" in get_args_parser()._option_string_actions:  # torch 2.10+: time to save
         args += ["--shutdown-timeout", str(int(timeout_s))]
-    if rdzv_endpoint:
+    if elastic is not None:
+        # The c10d rendezvous: nodes join and leave between rounds. A node waits dist.timeout_s for
+        # at least MIN nodes; the node at the endpoint hosts the rendezvous (its TCP store).
+        conf = f"join_timeout={int(timeout_s)}" + (f",{elastic.conf}" if elastic.conf else "")
+        args += ["--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint, "--rdzv-id", elastic.run_id,
+                 "--rdzv-conf", conf]
+    elif rdzv_endpoint:
         # Static rendezvous: every node names the same endpoint and its own rank; a node that
         # never arrives ends the wait after dist.timeout_s.
         args += ["--rdzv-endpoint", rdzv_endpoint, "--node-rank", str(node_rank or 0),
@@ -52,12 +84,22 @@ def spawn(worker_argv: list[str], run_dir: Path, **options) -> int:
     """
     args = get_args_parser().parse_args(torchrun_args(worker_argv, **options))
     os.environ["LAUNCHER_SPAWNED"] = "1"  # the workers leave the stop messages to this process
+    if options.get("elastic"):
+        # A node that stays rank 0 across rounds does not publish the workers' address in the new
+        # round's store when it shares its TCP store with the workers (torch 2.13): a node joining
+        # later waits for it forever. Each round's rank 0 then publishes a fresh address.
+        os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     set_worker_threads(options["nproc"])
     logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)  # its shutdown notes: ours say it
     interrupts = Interrupts()
     previous = signal.signal(signal.SIGINT, interrupts.handle)
     try:
         run(args)
+    except RendezvousError as e:  # an elastic job: fewer than MIN nodes came (or the rendezvous closed)
+        if not options.get("elastic"):
+            raise
+        error(too_few_nodes(e, run_dir, **options))
+        return FAILED
     except DistError as e:  # the rendezvous: a node did not arrive, or the endpoint is unreachable
         error(f"the {options['nnodes']} nodes did not all meet at {options['rdzv_endpoint']} within "
               f"{options.get('timeout_s', 600):g} s (dist.timeout_s): start every node with the same --nnodes and "
@@ -76,6 +118,31 @@ def spawn(worker_argv: list[str], run_dir: Path, **options) -> int:
     finally:
         signal.signal(signal.SIGINT, previous)
     return DONE
+
+
+def too_few_nodes(e: RendezvousError, run_dir: Path, elastic: Elastic, rdzv_endpoint: str, timeout_s: float,
+                  nproc: int, **_) -> str:
+    """An elastic job's rendezvous that could not complete: what the job had and needs, and that nothing
+    is lost."""
+    if isinstance(e, RendezvousTimeoutError):
+        what = f"fewer than {elastic.min_nodes} node(s) met at {rdzv_endpoint} within {timeout_s:g} s (dist.timeout_s)"
+    else:
+        what = (f"the rendezvous at {rdzv_endpoint} is gone: the node there hosts it, and it stopped or finished "
+                f"({type(e).__name__})")
+    last = last_world_size(run_dir)
+    had = f"it last trained on {last // nproc} node(s) (world size {last}); " if last else ""
+    return (f"this elastic job needs at least {elastic.min_nodes} of at most {elastic.max_nodes} node(s) (--nnodes "
+            f"{elastic.min_nodes}:{elastic.max_nodes}), and {what}: {had}this node ({socket.gethostname()}) was one of "
+            f"the ones waiting. Nothing is lost: {newest_note(run_dir)}. Start the missing nodes with the same command "
+            "(or use a smaller MIN)")
+
+
+def last_world_size(run_dir: Path) -> int | None:
+    """The world size of the newest checkpoint, if any."""
+    from .checkpoint import latest_checkpoint, read_meta
+
+    path = latest_checkpoint(run_dir / "checkpoints")
+    return read_meta(path).get("world_size") if path is not None else None
 
 
 class Interrupts:

@@ -26,7 +26,7 @@ from .env import DistEnv, rendezvous
 from .errors import NonFiniteError, Stopped
 from .evaluation import Evaluator
 from .fs import say
-from .loggers import Loggers, hms
+from .loggers import Loggers, hms, last_logged_step
 from .optim import Schedule, build_optimizer, build_scheduler
 from .precision import Precision
 from .profiling import StepProfiler
@@ -266,6 +266,13 @@ class Trainer:
         self.data.restore(self.state.step, meta, path)
         self.run.hook("on_load_checkpoint", self.checkpointer.load_extra(path))
         restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        saved_world = meta.get("world_size", self.env.world_size)
+        if saved_world != self.env.world_size:  # an elastic job lost or gained a node (or a rerun chose so)
+            logged = last_logged_step(self.run_dir / "metrics.jsonl") if self.env.is_main else None
+            redone = max(0, (logged or self.state.step) - self.state.step)
+            say(f"resized: world size {saved_world} -> {self.env.world_size}; resumed from {path} at step "
+                f"{self.state.step}, {redone} logged step(s) redone")
+            return
         say((f"restart {restart}: the worker group restarted after a failure and " if restart else "")
             + f"resumed from {path} at step {self.state.step}")
 

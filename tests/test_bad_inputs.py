@@ -35,7 +35,8 @@ import pytest
 from helpers import ROOT, TEST_RECIPES, check, digits_config, run, write_config
 
 # What torch.distributed.run prints when it started workers (and they failed).
-WORKER_OUTPUT = ("torch.distributed", "elastic", "ChildFailedError", "local_rank", "exitcode")
+# torchrun's own words (its module is torch.distributed.elastic): the launcher's messages may say "elastic job"
+WORKER_OUTPUT = ("torch.distributed", "torchelastic", "elastic.", "ChildFailedError", "local_rank", "exitcode")
 
 SITECUSTOMIZE = textwrap.dedent("""\
     import os, sys
@@ -361,6 +362,28 @@ CASES = [
          under_torchrun=True, exit=1),
     Case("nnodes-without-rdzv-endpoint", lambda c: ["run", c.config(), "--nproc", 2, "--nnodes", 2],
          ("--nnodes 2", "--rdzv-endpoint")),
+    # an elastic job (--nnodes MIN:MAX): every world size it may take is checked before any worker
+    Case("nnodes-range-reversed", lambda c: ["run", c.config(), "--nproc", 1, "--nnodes", "3:2",
+                                             "--rdzv-endpoint", "127.0.0.1:29555"], ("--nnodes 3:2", "MIN:MAX")),
+    Case("nnodes-not-a-number", lambda c: ["run", c.config(), "--nproc", 1, "--nnodes", "two"],
+         ("--nnodes two", "MIN:MAX")),
+    Case("elastic-with-node-rank", lambda c: ["run", c.config(), "--nproc", 1, "--nnodes", "1:2", "--node-rank", 0,
+                                              "--rdzv-endpoint", "127.0.0.1:29555"], ("--node-rank", "drop"),
+         once="numbers its nodes itself"),
+    Case("elastic-without-rdzv-endpoint", lambda c: ["run", c.config(), "--nproc", 1, "--nnodes", "1:2"],
+         ("--nnodes 1:2", "--rdzv-endpoint")),
+    Case("rdzv-id-for-a-static-job", lambda c: ["run", c.config(), "--nproc", 2, "--rdzv-id", "job7"],
+         ("--rdzv-id", "MIN:MAX")),
+    Case("elastic-rdzv-conf-not-pairs", lambda c: ["run", c.config(), "--nproc", 1, "--nnodes", "1:2",
+                                                   "--rdzv-endpoint", "127.0.0.1:29555", "--rdzv-conf", "fast"],
+         ("--rdzv-conf fast", "KEY=VALUE")),
+    # digits' 64 splits over 1, 2 and 4 processes, not over 3
+    Case("elastic-batch-not-whole-at-one-size", lambda c: ["run", c.config(), "--nproc", 1, "--nnodes", "1:4",
+                                                           "--rdzv-endpoint", "127.0.0.1:29555"],
+         ("global_batch_size=64", "world size 3", "multiple of 12", "60 or 72")),
+    Case("elastic-deepspeed", lambda c: ["run", c.config(strategy="deepspeed"), "--nproc", 1, "--nnodes", "1:2",
+                                         "--rdzv-endpoint", "127.0.0.1:29555"],
+         ("strategy=deepspeed cannot run elastic", "world size that wrote it")),
     # ------------------------------------------------------------ optional dependencies and backends
     # ------------------------------------------------------------ speed switches that cannot run
     Case("ddp-static-graph-with-accumulation", nproc2("strategy=ddp", "ddp.static_graph=true",

@@ -8,7 +8,7 @@ import pytest
 
 from helpers import check, digits_config, run, write_config
 from launcher.cli import main
-from launcher.plot import COLOURS, DPI, HEIGHT_IN, WIDTH_IN, read_metrics, run_labels
+from launcher.plot import COLOURS, DPI, HEIGHT_IN, WIDTH_IN, Run, read_metrics, resizes, run_labels
 
 pytest.importorskip("matplotlib")  # the `plot` extra (part of `dev`)
 SIZE = (round(HEIGHT_IN * DPI), round(WIDTH_IN * DPI))  # (rows, columns) of every plot
@@ -109,3 +109,16 @@ def test_labels_are_directory_names_told_apart():
     assert run_labels([Path("x/a/run"), Path("y/a/run"), Path("z/other")]) == ["x/a/run", "y/a/run", "other"]
     assert run_labels([Path("runs/a"), Path("runs/b")]) == ["a", "b"]
     assert run_labels([Path("runs/a"), Path("runs/a")]) == ["a (1)", "a (2)"]
+
+
+def test_an_elastic_runs_resizes_are_marked(tmp_path):
+    """Where the world size changes between rows, a grey dotted line in every panel."""
+    sizes = [2] * 5 + [1] * 5 + [2] * 5
+    run_dir = fake_run(tmp_path / "elastic", [{**train_row(s), "world_size": w} for s, w in zip(range(1, 16), sizes)])
+    train, val = read_metrics(run_dir)
+    assert resizes([Run("elastic", train, val)]) == [(6, 2, 1), (11, 1, 2)]
+    steady = fake_run(tmp_path / "steady", [{**train_row(s), "world_size": 2} for s in range(1, 16)])
+    assert main(["plot", str(run_dir), "--out", str(tmp_path / "elastic.png")]) == 0
+    assert main(["plot", str(steady), "--out", str(tmp_path / "steady.png")]) == 0
+    grey = "#808080"
+    assert count_colour(pixels(tmp_path / "elastic.png"), grey) > 200 > 20 > count_colour(pixels(tmp_path / "steady.png"), grey)
