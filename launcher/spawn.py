@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from torch.distributed import DistError
+from torch.distributed.elastic.agent.server.api import WorkerState
+from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.elastic.rendezvous.api import RendezvousError, RendezvousTimeoutError
@@ -89,6 +91,7 @@ def spawn(worker_argv: list[str], run_dir: Path, **options) -> int:
         # round's store when it shares its TCP store with the workers (torch 2.13): a node joining
         # later waits for it forever. Each round's rank 0 then publishes a fresh address.
         os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+        LocalElasticAgent._stop_workers = stop_workers_for_a_new_round
     set_worker_threads(options["nproc"])
     logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)  # its shutdown notes: ours say it
     interrupts = Interrupts()
@@ -118,6 +121,15 @@ def spawn(worker_argv: list[str], run_dir: Path, **options) -> int:
     finally:
         signal.signal(signal.SIGINT, previous)
     return DONE
+
+
+def stop_workers_for_a_new_round(agent, worker_group) -> None:
+    """torchrun's own stops a healthy group for a node that joins with 30 s to spare, whatever
+    --shutdown-timeout says: too little for a large checkpoint, and the steps since the newest one
+    would be redone. A healthy group here gets the shutdown timeout (dist.timeout_s) to save; a
+    failed one, whose ranks may wait on a dead peer, still gets 30 s."""
+    healthy = worker_group.state == WorkerState.HEALTHY
+    agent._shutdown(timeout=getattr(agent, "_shutdown_timeout", 30) if healthy else 30)
 
 
 def too_few_nodes(e: RendezvousError, run_dir: Path, elastic: Elastic, rdzv_endpoint: str, timeout_s: float,
