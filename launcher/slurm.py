@@ -7,6 +7,11 @@ and writes RUN_DIR/slurm/job.sbatch: one srun task per node, each starting that 
 workers with `launcher run --nproc P`, requeued after a preemption and (a bounded number
 of times) after a failure.
 
+`--nodes MIN-MAX` (sbatch's node range) writes an elastic job: `#SBATCH --nodes=MIN-MAX` and
+`--no-kill`, NODE_RANGE=MIN:MAX, and each node's task runs `launcher run --nproc P --nnodes
+MIN:MAX` (torchrun's c10d rendezvous), so that the job goes on when a node other than the
+first is lost. The config is checked at every world size from MIN x P to MAX x P.
+
 The job's shell body (JOB_BODY) is shared word for word with slurm/train.sbatch and
 slurm/train_srun.sbatch; tests/test_slurm.py checks that they agree.
 """
@@ -39,7 +44,14 @@ JOB_BODY = BODY_START + r"""
 # The same in slurm/train.sbatch, slurm/train_srun.sbatch and the job.sbatch that
 # `launcher slurm` writes. Set above: CONFIG, OVERRIDES (an array), LAUNCH (node: one srun
 # task per node starting NPROC_PER_NODE workers with `launcher run --nproc`; task: one
-# srun task per worker) and, for LAUNCH=node, NPROC_PER_NODE.
+# srun task per worker) and, for LAUNCH=node, NPROC_PER_NODE and optionally NODE_RANGE.
+#
+# NODE_RANGE=MIN:MAX (LAUNCH=node; empty: a fixed number of nodes) makes the job elastic: it
+# was submitted with --nodes MIN-MAX --no-kill, every node runs the same `launcher run --nproc P
+# --nnodes MIN:MAX` (torchrun's c10d rendezvous, hosted by the first node), and srun keeps the
+# other tasks running when one ends or its node is lost: the remaining nodes restart at the
+# smaller world size from the newest checkpoint. The first node's task decides the outcome
+# (losing that node, which also runs this script, ends the job).
 #
 # What happens when the run ends, by its exit code:
 #   0      finished: the job ends (COMPLETED).
@@ -89,9 +101,17 @@ export MASTER_PORT=${MASTER_PORT:-$((15000 + SLURM_JOB_ID % 20000))}
 # with SIGTERM. srun exits with the highest task code, so the task that ended first decides,
 # not the ones srun ended after it (--kill-on-bad-exit: once one task exits non-zero, srun
 # ends the others, which would otherwise wait on a dead peer until dist.timeout_s).
+# Elastic (NODE_RANGE): srun ends no task (--kill-on-bad-exit=0 --no-kill), and a lost node's
+# task counts in srun's code (137: killed), so the first node's task, the rendezvous host,
+# also writes its code to FIRST_TASK_RC on its node, the one this script runs on; that code decides.
 TASK='trap "ended=1" TERM
 trap ":" USR1  # SIGUSR1 reaches every process of the step: this shell keeps running, the launcher acts on it
-if [ "$LAUNCH" = node ]; then
+if [ "$LAUNCH" = node ] && [ -n "$NODE_RANGE" ]; then
+    # No node rank: each rendezvous numbers the nodes. The first node hosts it (is_host), at
+    # MASTER_ADDR:MASTER_PORT, which must name that node (127.0.0.1 would match every node).
+    set -- "$@" --nproc "$NPROC_PER_NODE" --nnodes "$NODE_RANGE" --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" \
+        --rdzv-conf "is_host=$((SLURM_NODEID == 0))"
+elif [ "$LAUNCH" = node ]; then
     set -- "$@" --nproc "$NPROC_PER_NODE" --nnodes "$SLURM_NNODES" --node-rank "$SLURM_NODEID" \
         --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT"
 fi
@@ -100,20 +120,43 @@ pid=$!
 while kill -0 "$pid" 2>/dev/null; do wait "$pid"; done
 wait "$pid"
 rc=$?
-if [ "$rc" -eq 0 ]; then exit 0; fi
-if [ -n "${ended:-}" ]; then exit 10; fi
-if [ "$rc" -le 3 ]; then exit $((20 + rc)); fi
-exit 21'
-export LAUNCH NPROC_PER_NODE=${NPROC_PER_NODE:-1}
+if [ "$rc" -eq 0 ]; then code=0
+elif [ -n "${ended:-}" ]; then code=10
+elif [ "$rc" -le 3 ]; then code=$((20 + rc))
+else code=21
+fi
+if [ -n "$NODE_RANGE" ] && [ "$SLURM_NODEID" -eq 0 ]; then echo "$code" >"$FIRST_TASK_RC"; fi
+exit "$code"'
+NODE_RANGE=${NODE_RANGE:-}
+FIRST_TASK_RC=${TMPDIR:-/tmp}/launcher-$SLURM_JOB_ID.first-task-rc
+export LAUNCH NPROC_PER_NODE=${NPROC_PER_NODE:-1} NODE_RANGE FIRST_TASK_RC
 # LAUNCH=node: how long torch.distributed.run waits for its workers to save and exit after
 # passing a signal on, before it kills them (torch's default, 30 s, is less than a large
 # checkpoint takes). Keep it below the --signal warning.
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-170}
 SRUN=(srun --kill-on-bad-exit=1)
+if [ -n "$NODE_RANGE" ]; then
+    MIN_NODES=${NODE_RANGE%%:*} MAX_NODES=${NODE_RANGE##*:}
+    if [ "$LAUNCH" != node ]; then
+        say "NODE_RANGE=$NODE_RANGE (elastic) needs one task per node (LAUNCH=node), not LAUNCH=$LAUNCH: not started"
+        exit 2
+    fi
+    if [ "$SLURM_JOB_NUM_NODES" -lt "$MIN_NODES" ] || [ "$SLURM_JOB_NUM_NODES" -gt "$MAX_NODES" ]; then
+        say "the job has $SLURM_JOB_NUM_NODES node(s), outside NODE_RANGE=$NODE_RANGE: submit it with --nodes $MIN_NODES-$MAX_NODES"
+        exit 2
+    fi
+    # A task that ends (a lost node) leaves the others running: they go on with fewer nodes.
+    SRUN=(srun --kill-on-bad-exit=0 --no-kill)
+    rm -f "$FIRST_TASK_RC"
+fi
 # srun of SLURM 22.05 and 23.02 does not take --cpus-per-task from the job: pass it on.
 if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then SRUN+=(--cpus-per-task="$SLURM_CPUS_PER_TASK"); fi
 CMD=("$PY" -m launcher run "$CONFIG" "${OVERRIDES[@]}")
-if [ "$LAUNCH" = node ]; then
+if [ "$LAUNCH" = node ] && [ -n "$NODE_RANGE" ]; then
+    SRUN+=(--nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1)
+    SHOW="$SLURM_JOB_NUM_NODES task(s), one per node (elastic, $MIN_NODES to $MAX_NODES nodes): ${CMD[*]}"
+    SHOW+=" --nproc $NPROC_PER_NODE --nnodes $NODE_RANGE --rdzv-endpoint $MASTER_ADDR:$MASTER_PORT"
+elif [ "$LAUNCH" = node ]; then
     SRUN+=(--nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1)
     SHOW="$SLURM_JOB_NUM_NODES task(s), one per node: ${CMD[*]} --nproc $NPROC_PER_NODE"
     SHOW+=" --nnodes $SLURM_JOB_NUM_NODES --node-rank \$SLURM_NODEID --rdzv-endpoint $MASTER_ADDR:$MASTER_PORT"
@@ -139,6 +182,15 @@ SRUN_PID=$!
 while kill -0 "$SRUN_PID" 2>/dev/null; do wait "$SRUN_PID"; done
 wait "$SRUN_PID"
 SRUN_RC=$?
+if [ -n "$NODE_RANGE" ]; then
+    FIRST_RC=$(cat "$FIRST_TASK_RC" 2>/dev/null)
+    rm -f "$FIRST_TASK_RC"
+    if [ -n "$FIRST_RC" ] && [ "$FIRST_RC" != "$SRUN_RC" ]; then
+        say "srun exit $SRUN_RC: a task ended otherwise (a lost node is 137); the first node's, which hosts the" \
+            "rendezvous, reported $FIRST_RC: going by it"
+        SRUN_RC=$FIRST_RC
+    fi
+fi
 case $SRUN_RC in
     0) RC=0 ;;
     21 | 22 | 23) RC=$((SRUN_RC - 20)) ;;
@@ -195,7 +247,9 @@ NCCL_NOTES = """\
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `launcher slurm` (CONFIG and the overrides are added by the CLI)."""
-    p.add_argument("--nodes", type=int, required=True, help="nodes to run on (N)")
+    p.add_argument("--nodes", required=True, metavar="N|MIN-MAX",
+                   help="nodes to run on (N); MIN-MAX: an elastic job that starts on what SLURM gives it in that "
+                   "range and goes on when a node (other than the first) is lost")
     p.add_argument("--gpus-per-node", type=int, default=None,
                    help="GPUs to ask for on each node (G); leave out on a CPU-only cluster")
     p.add_argument("--nproc-per-node", type=int, default=None,
@@ -220,12 +274,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_slurm(args) -> int:
-    from .preflight import check_inputs
+    from .preflight import check_inputs, check_node_range, parse_nodes
 
-    nodes, gpus = args.nodes, args.gpus_per_node
+    gpus = args.gpus_per_node
     nproc = args.nproc_per_node if args.nproc_per_node is not None else (gpus or 1)
-    if nodes < 1:
-        raise ConfigError(f"--nodes {nodes}: it must be at least 1")
+    min_nodes, nodes = parse_nodes(args.nodes, "--nodes", "-")  # nodes: the most the job may run on
     if gpus is not None and gpus < 1:
         raise ConfigError(f"--gpus-per-node {gpus}: it must be at least 1 (leave it out on a CPU-only cluster)")
     if nproc < 1:
@@ -248,6 +301,7 @@ def cmd_slurm(args) -> int:
                           "(or leave out --submit/--test-only, copy RUN_DIR/slurm/ there and run sbatch on job.sbatch)")
 
     cfg = load_config(args.config, args.overrides)
+    check_node_range(cfg, nproc, min_nodes, nodes)  # every world size an elastic job may take
     check_inputs(cfg, nodes * nproc, args.config)
     run_dir = Path(cfg.run_dir).resolve()
     slurm_dir = run_dir / "slurm"
@@ -256,15 +310,19 @@ def cmd_slurm(args) -> int:
     dump_config(cfg, config_path)
     job_name = args.job_name or re.sub(r"[^A-Za-z0-9_.-]", "_", run_dir.name) or "launcher"
     script = render(args, config_path=config_path, job_name=job_name, nproc=nproc, slurm_dir=slurm_dir,
-                    origin=" ".join([args.config, *args.overrides]))
+                    origin=" ".join([args.config, *args.overrides]), min_nodes=min_nodes, max_nodes=nodes)
     script_path = slurm_dir / "job.sbatch"
     with replaced_atomically(script_path) as tmp:
         tmp.write_text(script)
         tmp.chmod(0o755)
 
     print(script, end="")
-    say(f"# wrote {script_path} ({nodes} node(s) x {nproc} worker(s), world size {nodes * nproc}); "
-        f"it runs the config saved as {config_path}")
+    if min_nodes < nodes:
+        shape = (f"elastic: {min_nodes} to {nodes} node(s) x {nproc} worker(s), world size {min_nodes * nproc} to "
+                 f"{nodes * nproc}")
+    else:
+        shape = f"{nodes} node(s) x {nproc} worker(s), world size {nodes * nproc}"
+    say(f"# wrote {script_path} ({shape}); it runs the config saved as {config_path}")
     if args.test_only:
         proc = subprocess.run(["sbatch", "--test-only", str(script_path)], capture_output=True, text=True)
         said = (proc.stdout + proc.stderr).strip()
@@ -318,13 +376,21 @@ def extra_lines(extras: list[str]) -> list[str]:
     return ["#SBATCH " + " ".join(shlex.quote(t) for t in line) for line in lines]
 
 
-def render(args, *, config_path: Path, job_name: str, nproc: int, slurm_dir: Path, origin: str) -> str:
+def render(args, *, config_path: Path, job_name: str, nproc: int, slurm_dir: Path, origin: str,
+           min_nodes: int, max_nodes: int) -> str:
     """The batch script: #SBATCH options, the job's settings, then JOB_BODY."""
+    elastic = min_nodes < max_nodes
     options: list[tuple[str, str]] = [
         (sbatch_line("--job-name", job_name), ""),
-        (sbatch_line("--nodes", args.nodes), ""),
-        (sbatch_line("--ntasks-per-node", 1), "one launcher per node; it starts the node's workers"),
+        (sbatch_line("--nodes", f"{min_nodes}-{max_nodes}" if elastic else max_nodes),
+         "elastic: SLURM starts it on MIN to MAX nodes" if elastic else ""),
     ]
+    if elastic:
+        # No --ntasks-per-node: with it, SLURM (22.05) sizes the job to MIN tasks and so MIN nodes even when
+        # more are idle. srun starts one task per node all the same.
+        options.append((sbatch_line("--no-kill"), "a failed node does not end the job: the others go on without it"))
+    else:
+        options.append((sbatch_line("--ntasks-per-node", 1), "one launcher per node; it starts the node's workers"))
     if args.gpus_per_node:
         options.append((sbatch_line("--gpus-per-node", args.gpus_per_node), "= workers per node"
                         if nproc == args.gpus_per_node else ""))
@@ -350,6 +416,8 @@ def render(args, *, config_path: Path, job_name: str, nproc: int, slurm_dir: Pat
                 "OVERRIDES=()",
                 "LAUNCH=node",
                 f"NPROC_PER_NODE={nproc}"]
+    settings.append(f"NODE_RANGE={min_nodes}:{max_nodes}   # elastic: launcher run --nnodes {min_nodes}:{max_nodes}"
+                    if elastic else "NODE_RANGE=   # a fixed number of nodes (MIN:MAX: elastic)")
     if sys.prefix != sys.base_prefix:  # written from a virtualenv: the job uses the same one
         settings.append(f"LAUNCHER_VENV=${{LAUNCHER_VENV-{shlex.quote(sys.prefix)}}}")
     else:
@@ -357,7 +425,8 @@ def render(args, *, config_path: Path, job_name: str, nproc: int, slurm_dir: Pat
     header = [
         "#!/bin/bash",
         f"# Written by `launcher slurm` on {time.strftime('%Y-%m-%d %H:%M:%S')} from: {origin}",
-        f"# {args.nodes} node(s) x {nproc} worker(s) per node. Submit: sbatch {slurm_dir / 'job.sbatch'}",
+        f"# {f'{min_nodes} to {max_nodes} (elastic)' if elastic else max_nodes} node(s) x {nproc} worker(s) per node. "
+        f"Submit: sbatch {slurm_dir / 'job.sbatch'}",
         "# (sbatch options on the command line override the #SBATCH lines below).",
         *sbatch_lines,
         "",

@@ -10,8 +10,13 @@ What is checked, with numbers:
   d. `launcher slurm CONFIG --submit --nodes 2`: the job completes with exit 0 and runs the
      config as it was when it was written, not as edited afterwards;
   e. a job whose training fails is requeued exactly LAUNCHER_MAX_FAILURES times, then ends
-     FAILED with exit 1.
-The fast tests at the end need no cluster (the job script, sbatch missing).
+     FAILED with exit 1;
+  f. an elastic job (`launcher slurm --nodes 1-2`) that loses its second node mid-run
+     (`scontrol update state=down`): SLURM keeps the job and the first node's task (--no-kill),
+     which restarts at world size 1 from the newest checkpoint and ends with the uninterrupted
+     losses; the job COMPLETES without a requeue.
+The fast tests at the end need no cluster (the job script, sbatch missing; the job body run
+with stand-ins for srun, scontrol and the launcher).
 
 The simulated node names do not resolve, so the jobs meet at MASTER_ADDR=127.0.0.1. Jobs
 inherit the test's environment (sbatch's --export=ALL): PYTHONPATH with the repository and
@@ -267,6 +272,51 @@ def test_failing_job_is_requeued_at_most_the_cap(cluster, tmp_path):
     print(f"failing job {job}: {len(attempts)} attempts in {took:.1f} s ({duration(info)})")
 
 
+# ---------------------------------------------------------------- f: an elastic job loses a node
+
+
+def node_state(node: str) -> str:
+    return slurm_cmd("sinfo", "-h", "-N", "-n", node, "-o", "%t").stdout.strip()
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_elastic_job_goes_on_without_a_lost_node(cluster, reference, tmp_path):
+    recipe = {"name": "toy_recipes.slow", "hidden": 32, "delay_s": 0.3}  # the digits math, 0.3 s a step
+    cfg = write_config(tmp_path / "c.yaml", digits_config(tmp_path / "run", recipe=recipe, train=TRAIN,
+                                                          checkpoint={"every_steps": 5}))
+    started = time.monotonic()
+    proc = run(["slurm", cfg, "--nodes", "1-2", "--submit"], cwd=tmp_path, env=job_env())
+    assert proc.returncode == 0, proc.stderr
+    job = re.search(r"^submitted job (\d+)$", proc.stdout, flags=re.M).group(1)
+    wait_for_rows(tmp_path / "run", 8, job)
+    assert job_info(job)["NodeList"] == "node[1-2]"  # both nodes were idle: SLURM gave it the most
+    downed = time.monotonic()
+    try:
+        # The second node fails; the first hosts the rendezvous and runs the batch script.
+        slurm_cmd("scontrol", "update", "nodename=node2", "state=down", "reason=launcher-test")
+        info = wait_for_job(job, timeout=240)
+    finally:
+        if "down" in node_state("node2") or "drain" in node_state("node2"):
+            slurm_cmd("scontrol", "update", "nodename=node2", "state=resume", check_rc=False)
+    took = time.monotonic() - started
+    log = log_of(info)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log
+    assert info["Restarts"] == "0" and info["NodeList"] == "node1", log  # not requeued; node2 left the job
+    assert "srun: error: Node failure on node2" in log
+    resized = re.search(r"world size 2 -> 1; resumed from \S+/step_(\d+) at step (\d+)", log)
+    assert resized, log
+    assert 5 <= int(resized.group(2)) < STEPS
+    # srun reports the lost node's task as killed (137); the first node's task, which finished, decides.
+    assert "srun exit 137: a task ended otherwise" in log and "reported 0: going by it" in log, log
+    assert "attempt 1: finished" in log
+    steps = [r["step"] for r in metrics(tmp_path / "run")[0]]
+    assert steps == list(range(1, STEPS + 1))  # every step once: the rows after the checkpoint were dropped
+    worst = assert_same_losses(losses(tmp_path / "run"), reference)
+    print(f"elastic job {job}: node2 down at {downed - started:.1f} s, resumed at world size 1 from step "
+          f"{resized.group(2)}, done after {took:.1f} s ({duration(info)}), max relative loss difference {worst:.2e}")
+
+
 # ---------------------------------------------------------------- no cluster needed
 
 
@@ -339,3 +389,186 @@ def test_submit_without_sbatch_is_bad_input(tmp_path, monkeypatch):
     for flag in ("--submit", "--test-only"):
         with pytest.raises(ConfigError, match=f"{flag} needs SLURM's sbatch, which is not on PATH"):
             cmd_slurm(slurm_args([cfg, "--nodes", 2, flag]))
+
+
+# ---------------------------------------------------------------- elastic jobs, no cluster needed
+
+# Stand-ins that run the job body here: srun records its options and runs the task once per node
+# (SLURM_NODEID 0..N-1; a node in FAKE_LOST is reported killed, 137, as srun does for a lost node's
+# task), "python" records the launcher command of each node and exits FAKE_RC_<node>, and scontrol
+# records what it is asked.
+FAKE_SRUN = r"""#!/bin/bash
+while [ "$1" != bash ]; do echo "$1" >>"$FAKE_DIR/srun.options"; shift; done
+worst=0
+for ((i = 0; i < SLURM_JOB_NUM_NODES; i++)); do
+    if [[ " ${FAKE_LOST:-} " == *" $i "* ]]; then code=137
+    else SLURM_NODEID=$i SLURM_PROCID=$i SLURM_NNODES=$SLURM_JOB_NUM_NODES SLURM_NTASKS=$SLURM_JOB_NUM_NODES "$@"; code=$?
+    fi
+    if [ "$code" -gt "$worst" ]; then worst=$code; fi
+done
+exit "$worst"
+"""
+FAKE_PYTHON = r"""#!/bin/bash
+printf '%s\n' "$@" >"$FAKE_DIR/argv.$SLURM_NODEID"
+rc=FAKE_RC_$SLURM_NODEID
+exit "${!rc:-0}"
+"""
+FAKE_SCONTROL = """#!/bin/bash
+echo "$*" >>"$FAKE_DIR/scontrol.args"
+"""
+
+
+def write_job(tmp_path: Path, nodes: str, *overrides: str) -> Path:
+    from launcher.slurm import cmd_slurm
+
+    cfg = write_config(tmp_path / "c.yaml", digits_config(tmp_path / "run", train=TRAIN))
+    assert cmd_slurm(slurm_args([cfg, *overrides, "--nodes", nodes])) == 0
+    return tmp_path / "run" / "slurm" / "job.sbatch"
+
+
+def run_job(script: Path, tmp_path: Path, num_nodes: int, **fake) -> tuple[subprocess.CompletedProcess, Path]:
+    """The job script under bash with the stand-ins, as SLURM would start it on num_nodes nodes."""
+    fake_dir = tmp_path / f"fake-{len(list(tmp_path.glob('fake-*')))}"
+    (fake_dir / "bin").mkdir(parents=True)
+    for name, text in (("srun", FAKE_SRUN), ("python", FAKE_PYTHON), ("scontrol", FAKE_SCONTROL)):
+        (fake_dir / "bin" / name).write_text(text)
+        (fake_dir / "bin" / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update({"PATH": f"{fake_dir / 'bin'}:{os.environ['PATH']}", "FAKE_DIR": str(fake_dir), "TMPDIR": str(fake_dir),
+                "LAUNCHER_VENV": "", "LAUNCHER_PYTHON": str(fake_dir / "bin" / "python"), "MASTER_ADDR": "10.0.0.1",
+                "SLURM_JOB_ID": "123", "SLURM_JOB_NAME": "run", "SLURM_JOB_NUM_NODES": str(num_nodes),
+                "SLURM_JOB_NODELIST": f"node[1-{num_nodes}]", **{k: str(v) for k, v in fake.items()}})
+    env.pop("MASTER_PORT", None)
+    proc = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=60)
+    return proc, fake_dir
+
+
+def launcher_argv(fake_dir: Path, node: int) -> argparse.Namespace:
+    """The `launcher run` command node NODE ran, parsed by launcher's own parser."""
+    from launcher.cli import parser
+
+    argv = (fake_dir / f"argv.{node}").read_text().splitlines()
+    assert argv[:3] == ["-m", "launcher", "run"], argv
+    return parser()[1]["run"].parse_intermixed_args(argv[3:])
+
+
+def test_launcher_slurm_writes_an_elastic_job(tmp_path, monkeypatch, capsys):
+    from launcher.slurm import JOB_BODY
+
+    monkeypatch.chdir(tmp_path)
+    # 96 = micro 8 x 2, 3 and 4 ranks x a whole accumulation: every world size the job may take.
+    script = write_job(tmp_path, "2-4", "train.global_batch_size=96", "train.micro_batch_size=8").read_text()
+    out = capsys.readouterr()
+    assert script == out.out and "(elastic: 2 to 4 node(s) x 1 worker(s), world size 2 to 4)" in out.err
+    for line in ["#SBATCH --nodes=2-4", "#SBATCH --no-kill", "#SBATCH --requeue", "#SBATCH --signal=USR1@180",
+                 "NODE_RANGE=2:4", "NPROC_PER_NODE=1", "LAUNCH=node"]:
+        assert re.search(rf"^{re.escape(line)}(\s|$)", script, flags=re.M), line
+    # With --ntasks-per-node, SLURM would size the job to MIN tasks and so start it on MIN nodes.
+    assert "#SBATCH --ntasks-per-node" not in script
+    assert script.endswith(JOB_BODY)
+    assert subprocess.run(["bash", "-n", tmp_path / "run" / "slurm" / "job.sbatch"]).returncode == 0
+
+
+def test_elastic_job_runs_one_task_per_node_that_srun_does_not_end(tmp_path, monkeypatch):
+    from launcher.env import detect
+    from launcher.preflight import check_node_launch
+
+    monkeypatch.chdir(tmp_path)
+    script = write_job(tmp_path, "2-4", "train.global_batch_size=96", "train.micro_batch_size=8")
+    proc, fake = run_job(script, tmp_path, 3)  # SLURM gave it 3 of 2 to 4 nodes
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "attempt 1: finished" in proc.stdout
+    options = (fake / "srun.options").read_text().split()
+    assert options == ["--kill-on-bad-exit=0", "--no-kill", "--nodes=3", "--ntasks=3", "--ntasks-per-node=1"]
+    for node in range(3):
+        args = launcher_argv(fake, node)
+        assert args.config == str(tmp_path / "run" / "slurm" / "config.yaml") and not args.overrides
+        assert (args.nproc, args.nnodes, args.node_rank) == (1, "2:4", None)
+        assert args.rdzv_endpoint == "10.0.0.1:15123"  # MASTER_ADDR, the port from the job id
+        assert args.rdzv_conf == f"is_host={int(node == 0)}"  # the first node hosts the rendezvous
+        # What `launcher run` makes of it in that srun task.
+        check_node_launch(args, detect({"SLURM_PROCID": str(node), "SLURM_NTASKS": "3", "SLURM_NODEID": str(node),
+                                        "SLURM_JOB_NUM_NODES": "3", "SLURM_TASKS_PER_NODE": "1(x3)",
+                                        "SLURM_JOB_ID": "123", "MASTER_ADDR": "10.0.0.1"}))
+        assert (args.min_nodes, args.max_nodes, args.elastic, args.max_restarts) == (2, 4, True, 3)
+    assert not (fake / "scontrol.args").exists()
+
+
+def test_elastic_job_outcome_is_the_first_nodes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    script = write_job(tmp_path, "1-3", "train.global_batch_size=96", "train.micro_batch_size=16")
+    # A node other than the first is lost (srun: 137), the first finishes: the job finished.
+    proc, fake = run_job(script, tmp_path, 3, FAKE_LOST=2)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "srun exit 137: a task ended otherwise" in proc.stdout and "reported 0: going by it" in proc.stdout
+    assert "attempt 1: finished" in proc.stdout and not (fake / "scontrol.args").exists()
+    assert not list(fake.glob("launcher-*")), "the first task's code is left behind"
+    # Another node's task failed after the first finished: finished all the same.
+    proc, fake = run_job(script, tmp_path, 2, FAKE_RC_1=1)
+    assert proc.returncode == 0 and "attempt 1: finished" in proc.stdout, proc.stdout + proc.stderr
+    # The first node failed (its restarts spent): a failure, requeued.
+    proc, fake = run_job(script, tmp_path, 2, FAKE_RC_0=1)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "failed (exit 1); restart 1 of at most 3" in proc.stdout
+    assert (fake / "scontrol.args").read_text() == "requeue 123\n"
+    # SIGUSR1: every task saved and exited 3: requeued, as a fixed-size job is.
+    proc, fake = run_job(script, tmp_path, 2, FAKE_RC_0=3, FAKE_RC_1=3)
+    assert proc.returncode == 3 and "stopped by a signal after saving a checkpoint (exit 3)" in proc.stdout
+    assert (fake / "scontrol.args").read_text() == "requeue 123\n"
+    # Bad input is not requeued.
+    proc, fake = run_job(script, tmp_path, 1, FAKE_RC_0=2)
+    assert proc.returncode == 2 and "bad input (exit 2)" in proc.stdout and not (fake / "scontrol.args").exists()
+    # A job outside its range (sbatch --nodes overridden on the command line): not started.
+    proc, fake = run_job(script, tmp_path, 4)
+    assert proc.returncode == 2 and "the job has 4 node(s), outside NODE_RANGE=1:3" in proc.stdout
+    assert not (fake / "srun.options").exists()
+
+
+def test_fixed_size_job_still_ends_every_task_when_one_fails(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    script = write_job(tmp_path, "2")
+    text = script.read_text()
+    assert "#SBATCH --nodes=2\n" in text and "#SBATCH --ntasks-per-node=1" in text
+    header = text.split(BODY_MARK)[0]
+    # NODE_RANGE set empty: one exported in the submitting shell cannot make the job elastic
+    assert "--no-kill" not in header and "\nNODE_RANGE=   #" in header
+    proc, fake = run_job(script, tmp_path, 2)
+    assert proc.returncode == 0 and "attempt 1: finished" in proc.stdout, proc.stdout + proc.stderr
+    assert (fake / "srun.options").read_text().split() == ["--kill-on-bad-exit=1", "--nodes=2", "--ntasks=2",
+                                                           "--ntasks-per-node=1"]
+    for node in range(2):
+        args = launcher_argv(fake, node)
+        assert (args.nproc, args.nnodes, args.node_rank, args.rdzv_conf) == (1, "2", node, None)
+        assert args.rdzv_endpoint == "10.0.0.1:15123"
+    # A lost node fails a fixed-size job (requeued, the same nodes or others).
+    proc, fake = run_job(script, tmp_path, 2, FAKE_LOST=1)
+    assert proc.returncode == 137 and "failed (exit 137)" in proc.stdout
+    assert (fake / "scontrol.args").read_text() == "requeue 123\n"
+
+
+BODY_MARK = "# ---------------------------------------------------------------- launcher job body"
+
+
+@pytest.mark.parametrize("nodes, overrides, message", [
+    ("0-2", [], "--nodes 0-2: give a number of nodes N"),
+    ("0", [], "--nodes 0: give a number of nodes N"),
+    ("two", [], "--nodes two: give a number of nodes N"),
+    ("1-2-3", [], "--nodes 1-2-3: give a number of nodes N"),
+    ("1-3", [], "train.global_batch_size=64 cannot be split evenly at world size 3"),  # 64 = 32 x 2, not x 3
+    ("1-2", ["strategy=deepspeed"], "strategy=deepspeed cannot run elastic"),
+], ids=["min-zero", "zero", "not-a-number", "three-parts", "uneven-batch", "deepspeed"])
+def test_launcher_slurm_refuses_a_bad_node_range(tmp_path, monkeypatch, capsys, nodes, overrides, message):
+    from launcher.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    cfg = write_config(tmp_path / "c.yaml", digits_config(tmp_path / "run", train=TRAIN))
+    assert main(["slurm", str(cfg), *overrides, "--nodes", nodes]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run" / "slurm").exists()
+
+
+def test_launcher_slurm_with_max_below_min_exits_2(tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", digits_config(tmp_path / "run", train=TRAIN))
+    proc = run(["slurm", cfg, "--nodes", "3-2"], cwd=tmp_path)
+    assert proc.returncode == 2 and "--nodes 3-2: give a number of nodes N" in proc.stderr, proc.stderr
+    assert "MIN-MAX with 1 <= MIN <= MAX" in proc.stderr and not (tmp_path / "run" / "slurm").exists()
