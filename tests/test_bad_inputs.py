@@ -465,7 +465,10 @@ SLOW = {"resume-without-dcp-metadata", "resume-without-dcp-shard", "resume-deeps
         # found by a model built for real, or at the first step: one of each kind stays in the fast tier
         "loss-under-no-grad-one-process", "model-on-meta-one-process", "model-without-parameters-one-process",
         "model-on-meta", "rank-outside-world-size", "duplicate-nested-key", "negative-max-restarts",
-        "nnodes-without-nproc"}
+        "nnodes-without-nproc",
+        # launch flags of an elastic job: the reversed range and the batch at one size stay in the fast tier
+        "nnodes-not-a-number", "elastic-with-node-rank", "elastic-without-rdzv-endpoint", "rdzv-id-for-a-static-job",
+        "elastic-rdzv-conf-not-pairs", "elastic-deepspeed"}
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c.id in SLOW else c for c in CASES],
