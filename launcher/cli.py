@@ -59,10 +59,10 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
                      help="host:port every node meets at (multi-node; under srun: the job's first node)")
     run.add_argument("--rdzv-id", default=None,
                      help="MIN:MAX: the job's id, the same on every node (default: the SLURM job id, else one "
-                     "derived from the endpoint and the run dir)")
+                     "derived from the endpoint)")
     run.add_argument("--rdzv-conf", default=None, metavar="KEY=VALUE,...",
                      help="MIN:MAX: settings of torchrun's c10d rendezvous, e.g. last_call_timeout=30,"
-                     "keep_alive_interval=5,keep_alive_max_attempt=3 (join_timeout is dist.timeout_s)")
+                     "keep_alive_interval=5,keep_alive_max_attempt=3 (join_timeout defaults to dist.timeout_s)")
     run.add_argument("--max-restarts", type=int, default=None,
                      help="restart the worker group this often after a failure (a lost node is one); it resumes "
                      "from the newest checkpoint. Default 0, or 3 with MIN:MAX")

@@ -37,7 +37,8 @@ deleted or evicted: either way it runs the same command again and joins the next
 job grows back. The job starts once MIN pods have met and may run on fewer than MAX while the others
 wait for room (gang schedulers get minAvailable = MIN). Every pod mounts the run dir from one
 PersistentVolumeClaim (--pvc): checkpoints outlive the pods, and every restart resumes from the
-newest. Without --pvc the run dir is on each pod's own disk, lost with it: warned about.
+newest. An elastic job without --pvc is refused; a fixed-size one is warned about (its run dir is on
+each pod's own disk, lost with it).
 
 MIN == MAX, a fixed number of nodes. `launcher run --nnodes N` (N:N as well) uses torchrun's static
 rendezvous, which needs each node's rank. The pod's rank comes from the operator's label
@@ -158,6 +159,10 @@ def cmd_k8s(args) -> int:
 
     min_nodes, max_nodes = parse_nodes(args.nodes, "--nodes", ":")
     nproc = check_options(args)
+    if min_nodes < max_nodes and args.pvc is None:
+        raise ConfigError(f"--nodes {args.nodes} without --pvc: every resize resumes from the newest checkpoint, which "
+                          "must be on storage every pod mounts; give --pvc CLAIM (a PersistentVolumeClaim, ReadWriteMany "
+                          "when the pods may run on different machines)")
     env = parse_env(args.env)
     cfg = load_config(args.config, args.overrides)
     check_node_range(cfg, nproc, min_nodes, max_nodes)

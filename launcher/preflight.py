@@ -227,6 +227,7 @@ def check_node_launch(args, env) -> None:
         raise ConfigError(f"--nproc {args.nproc}: it must be at least 1 (the workers to start on this node)")
     if args.max_restarts is not None and args.max_restarts < 0:
         raise ConfigError(f"--max-restarts {args.max_restarts}: it must be 0 or more")
+    args.min_nodes = args.max_nodes = None
     if args.nnodes is not None:
         args.min_nodes, args.max_nodes = parse_nodes(args.nnodes, "--nnodes", ":")
         args.nnodes = args.max_nodes
@@ -240,10 +241,11 @@ def check_node_launch(args, env) -> None:
             args.node_rank = env.node_rank if args.node_rank is None else args.node_rank
             if args.nnodes > 1 and not args.rdzv_endpoint:
                 args.rdzv_endpoint = f"{env.master_addr}:{env.master_port}"
-    if args.nnodes is None:
-        args.min_nodes = args.max_nodes = args.nnodes = 1
-    elif not hasattr(args, "min_nodes"):
+    args.nnodes = args.nnodes or 1
+    if args.min_nodes is None:  # a plain N, or the srun tasks
         args.min_nodes = args.max_nodes = args.nnodes
+    if args.rdzv_endpoint is not None:
+        check_endpoint(args.rdzv_endpoint)
     args.elastic = args.min_nodes < args.max_nodes
     if args.max_restarts is None:
         args.max_restarts = ELASTIC_RESTARTS if args.elastic else 0
@@ -274,16 +276,45 @@ def check_elastic_launch(args) -> None:
         raise ConfigError(f"{nodes} needs --rdzv-endpoint HOST:PORT, the same on every node: the node at that "
                           "address hosts the rendezvous and must stay up for the whole job")
     if args.rdzv_conf is not None:
-        for item in args.rdzv_conf.split(","):
-            key, eq, value = item.partition("=")
-            if not eq or not key.strip() or not value.strip():
-                raise ConfigError(f"--rdzv-conf {args.rdzv_conf}: write KEY=VALUE pairs separated by commas, e.g. "
-                                  "last_call_timeout=30,keep_alive_interval=5")
+        check_rdzv_conf(args.rdzv_conf)
+
+
+# torchrun's c10d rendezvous settings (--rdzv-conf), and what each takes
+RDZV_KEYS = {"join_timeout": int, "last_call_timeout": int, "close_timeout": int, "heartbeat_timeout": int,
+             "keep_alive_interval": int, "keep_alive_max_attempt": int, "read_timeout": int, "is_host": bool}
+BOOLS = ("1", "0", "true", "false", "t", "f", "yes", "no", "y", "n")
+
+
+def check_rdzv_conf(text: str) -> None:
+    """torch reads --rdzv-conf's values only when it needs them (a wrong one is a traceback then) and
+    ignores keys it does not know: both are found here."""
+    for item in text.split(","):
+        key, eq, value = (part.strip() for part in item.partition("="))
+        if not eq or not key or not value:
+            raise ConfigError(f"--rdzv-conf {text}: write KEY=VALUE pairs separated by commas, e.g. "
+                              "last_call_timeout=30,keep_alive_interval=5")
+        kind = RDZV_KEYS.get(key)
+        if kind is None:
+            raise ConfigError(f"--rdzv-conf {text}: {key} is not a setting of the c10d rendezvous; the settings are "
+                              f"{', '.join(RDZV_KEYS)}")
+        if kind is int and not (value.isdigit() and int(value) > 0):
+            raise ConfigError(f"--rdzv-conf {text}: {key}={value} must be a whole number of seconds (or attempts), "
+                              "at least 1")
+        if kind is bool and value.lower() not in BOOLS:
+            raise ConfigError(f"--rdzv-conf {text}: {key}={value} must be true or false (1 or 0)")
+
+
+def check_endpoint(endpoint: str) -> None:
+    host, colon, port = endpoint.rpartition(":")
+    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--rdzv-endpoint {endpoint}: give HOST:PORT, e.g. node0:29500 (the same on every node; "
+                          "the port must be free on that host)")
 
 
 def parse_nodes(text: str, flag: str, sep: str) -> tuple[int, int]:
-    """N or MIN<sep>MAX (`--nnodes 2:4`, sbatch's `--nodes 2-4`) -> (MIN, MAX)."""
-    parts = str(text).split(sep)
+    """N or MIN<sep>MAX (`--nnodes 2:4`, sbatch's `--nodes 2-4`; the other separator is taken too)
+    -> (MIN, MAX)."""
+    parts = str(text).replace("-" if sep == ":" else ":", sep).split(sep)
     try:
         low, high = (int(parts[0]), int(parts[-1])) if len(parts) in (1, 2) else (0, -1)
     except ValueError:

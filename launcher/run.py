@@ -63,7 +63,7 @@ def check_and_run(cfg: Config, args) -> int:
         del checked  # and the data set built to check it: the workers build their own
         elastic = None
         if args.elastic:
-            elastic = Elastic(args.min_nodes, args.max_nodes, args.rdzv_id or rdzv_id(args.rdzv_endpoint, cfg.run_dir),
+            elastic = Elastic(args.min_nodes, args.max_nodes, args.rdzv_id or rdzv_id(args.rdzv_endpoint),
                               args.rdzv_conf)
         return spawn([args.config, *args.overrides], run_dir=Path(cfg.run_dir), nproc=args.nproc, nnodes=args.nnodes,
                      node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint, max_restarts=args.max_restarts,

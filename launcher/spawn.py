@@ -39,16 +39,15 @@ class Elastic:
     conf: str | None = None  # more c10d settings, KEY=VALUE,...
 
 
-def rdzv_id(endpoint: str, run_dir: str) -> str:
+def rdzv_id(endpoint: str) -> str:
     """The id every node of an elastic job derives alike: the SLURM job's, else one from the endpoint
-    and the run dir (another job on either gets another id)."""
+    (its host binds the port: no two jobs running now share one; a path could differ between nodes)."""
     if os.environ.get("SLURM_JOB_ID"):
         return f"slurm-{os.environ['SLURM_JOB_ID']}"
-    digest = hashlib.sha256(f"{endpoint}|{Path(run_dir).resolve()}".encode()).hexdigest()[:16]
-    return f"launcher-{digest}"
+    return f"launcher-{hashlib.sha256(endpoint.encode()).hexdigest()[:16]}"
 
 
-def torchrun_args(worker_argv: list[str], nproc: int, nnodes: int, node_rank: int | None,
+def torchrun_args(worker_argv: list[str], nproc: int, nnodes: int | str, node_rank: int | None,
                   rdzv_endpoint: str | None, max_restarts: int, timeout_s: float = 600,
                   elastic: Elastic | None = None) -> list[str]:
     if elastic is not None:
@@ -62,8 +61,9 @@ def torchrun_args(worker_argv: list[str], nproc: int, nnodes: int, node_rank: in
         args += ["--shutdown-timeout", str(int(timeout_s))]
     if elastic is not None:
         # The c10d rendezvous: nodes join and leave between rounds. A node waits dist.timeout_s for
-        # at least MIN nodes; the node at the endpoint hosts the rendezvous (its TCP store).
-        conf = f"join_timeout={int(timeout_s)}" + (f",{elastic.conf}" if elastic.conf else "")
+        # at least MIN nodes, and for the host at the endpoint (it serves the rendezvous' TCP store)
+        # to come up: torch's own read_timeout, 60 s, would end a node started a minute early.
+        conf = f"join_timeout={int(timeout_s)},read_timeout={int(timeout_s)}" + (f",{elastic.conf}" if elastic.conf else "")
         args += ["--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint, "--rdzv-id", elastic.run_id,
                  "--rdzv-conf", conf]
     elif rdzv_endpoint:
@@ -98,16 +98,16 @@ def spawn(worker_argv: list[str], run_dir: Path, **options) -> int:
     previous = signal.signal(signal.SIGINT, interrupts.handle)
     try:
         run(args)
-    except RendezvousError as e:  # an elastic job: fewer than MIN nodes came (or the rendezvous closed)
+    except (RendezvousError, DistError) as e:
         if not options.get("elastic"):
-            raise
-        error(too_few_nodes(e, run_dir, **options))
-        return FAILED
-    except DistError as e:  # the rendezvous: a node did not arrive, or the endpoint is unreachable
-        error(f"the {options['nnodes']} nodes did not all meet at {options['rdzv_endpoint']} within "
-              f"{options.get('timeout_s', 600):g} s (dist.timeout_s): start every node with the same --nnodes and "
-              f"--rdzv-endpoint, each with its own --node-rank, and check that the port is reachable from every node "
-              f"({str(e).splitlines()[0]})")
+            if isinstance(e, RendezvousError):
+                raise
+            error(f"the {options['nnodes']} nodes did not all meet at {options['rdzv_endpoint']} within "
+                  f"{options.get('timeout_s', 600):g} s (dist.timeout_s): start every node with the same --nnodes "
+                  f"and --rdzv-endpoint, each with its own --node-rank, and check that the port is reachable from "
+                  f"every node ({str(e).splitlines()[0]})")
+            return FAILED
+        error(elastic_rendezvous_failed(e, run_dir, **options))
         return FAILED
     except SignalException as e:  # this process was signalled and passed it on to the workers
         if interrupts.count > 1:
@@ -126,21 +126,23 @@ def spawn(worker_argv: list[str], run_dir: Path, **options) -> int:
 def stop_workers_for_a_new_round(agent, worker_group) -> None:
     """torchrun's own stops a healthy group for a node that joins with 30 s to spare, whatever
     --shutdown-timeout says: too little for a large checkpoint, and the steps since the newest one
-    would be redone. A healthy group here gets the shutdown timeout (dist.timeout_s) to save; a
-    failed one, whose ranks may wait on a dead peer, still gets 30 s."""
+    would be redone. A healthy group here gets half the shutdown timeout (dist.timeout_s) to save:
+    the node that joined waits dist.timeout_s in all for the round. A failed group, whose ranks may
+    wait on a dead peer, still gets 30 s. (Set on the class: this process runs one agent.)"""
     healthy = worker_group.state == WorkerState.HEALTHY
-    agent._shutdown(timeout=getattr(agent, "_shutdown_timeout", 30) if healthy else 30)
+    agent._shutdown(timeout=max(30, getattr(agent, "_shutdown_timeout", 60) // 2) if healthy else 30)
 
 
-def too_few_nodes(e: RendezvousError, run_dir: Path, elastic: Elastic, rdzv_endpoint: str, timeout_s: float,
-                  nproc: int, **_) -> str:
+def elastic_rendezvous_failed(e: Exception, run_dir: Path, elastic: Elastic, rdzv_endpoint: str,
+                              timeout_s: float, nproc: int, **_) -> str:
     """An elastic job's rendezvous that could not complete: what the job had and needs, and that nothing
     is lost."""
     if isinstance(e, RendezvousTimeoutError):
         what = f"fewer than {elastic.min_nodes} node(s) met at {rdzv_endpoint} within {timeout_s:g} s (dist.timeout_s)"
     else:
-        what = (f"the rendezvous at {rdzv_endpoint} is gone: the node there hosts it, and it stopped or finished "
-                f"({type(e).__name__})")
+        what = (f"the rendezvous at {rdzv_endpoint} could not be reached: the node at that address hosts it, and it "
+                f"has not started, has stopped or finished, or the address is wrong ({type(e).__name__}: "
+                f"{(str(e).splitlines() or [''])[0][:160]})")
     last = last_world_size(run_dir)
     had = f"it last trained on {last // nproc} node(s) (world size {last}); " if last else ""
     return (f"this elastic job needs at least {elastic.min_nodes} of at most {elastic.max_nodes} node(s) (--nnodes "

@@ -377,6 +377,12 @@ CASES = [
     Case("elastic-rdzv-conf-not-pairs", lambda c: ["run", c.config(), "--nproc", 1, "--nnodes", "1:2",
                                                    "--rdzv-endpoint", "127.0.0.1:29555", "--rdzv-conf", "fast"],
          ("--rdzv-conf fast", "KEY=VALUE")),
+    Case("elastic-rdzv-conf-unknown-key", lambda c: ["run", c.config(), "--nproc", 1, "--nnodes", "1:2",
+                                                     "--rdzv-endpoint", "127.0.0.1:29555", "--rdzv-conf",
+                                                     "last_call=3"],
+         ("last_call is not a setting", "last_call_timeout")),
+    Case("rdzv-endpoint-without-a-port", lambda c: ["run", c.config(), "--nproc", 1, "--nnodes", 2, "--node-rank", 0,
+                                                    "--rdzv-endpoint", "node0"], ("--rdzv-endpoint node0", "HOST:PORT")),
     # digits' 64 splits over 1, 2 and 4 processes, not over 3
     Case("elastic-batch-not-whole-at-one-size", lambda c: ["run", c.config(), "--nproc", 1, "--nnodes", "1:4",
                                                            "--rdzv-endpoint", "127.0.0.1:29555"],
@@ -468,7 +474,8 @@ SLOW = {"resume-without-dcp-metadata", "resume-without-dcp-shard", "resume-deeps
         "nnodes-without-nproc",
         # launch flags of an elastic job: the reversed range and the batch at one size stay in the fast tier
         "nnodes-not-a-number", "elastic-with-node-rank", "elastic-without-rdzv-endpoint", "rdzv-id-for-a-static-job",
-        "elastic-rdzv-conf-not-pairs", "elastic-deepspeed"}
+        "elastic-rdzv-conf-not-pairs", "elastic-deepspeed", "elastic-rdzv-conf-unknown-key",
+        "rdzv-endpoint-without-a-port"}
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c.id in SLOW else c for c in CASES],

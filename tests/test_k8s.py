@@ -121,7 +121,8 @@ def digits(tmp_path: Path, **train) -> Path:
 
 
 CASES = {
-    "gpt_ddp elastic, CPU": lambda tmp: [ROOT / "configs" / "gpt_ddp.yaml", "--nodes", "1:2", "--image", "x/l:1"],
+    "gpt_ddp elastic, CPU": lambda tmp: [ROOT / "configs" / "gpt_ddp.yaml", "--nodes", "1:2", "--image", "x/l:1",
+                                         "--pvc", "runs"],
     "digits elastic, GPUs, claim": lambda tmp: [
         digits(tmp), "--nodes", "2:4", "--image", "x/l:1", "--gpus-per-node", 4, "--nproc-per-node", 1,
         "--pvc", "train-runs", "--namespace", "ml", "--cpu", "8", "--memory", "32Gi",
@@ -255,7 +256,8 @@ def test_the_embedded_config_is_the_resolved_config_with_the_run_dir_on_the_clai
 
 
 def test_without_a_claim_it_warns_that_checkpoints_do_not_survive_a_pod(tmp_path, monkeypatch, capsys):
-    code, docs, out = write_manifest(tmp_path, monkeypatch, [digits(tmp_path), "--nodes", "1:2", "--image", "x"])
+    """A fixed-size job is warned; an elastic one, which resumes at every resize, is refused (a bad input below)."""
+    code, docs, out = write_manifest(tmp_path, monkeypatch, [digits(tmp_path), "--nodes", "2", "--image", "x"])
     assert code == 0
     assert "warning: no --pvc" in capsys.readouterr().err
     assert "# WARNING: no --pvc" in out.read_text()
@@ -279,12 +281,17 @@ BAD = {
     "a rank variable": ([], ["--nodes", "1:2", "--env", "RANK=0"], "--env RANK: the manifest and the"),
     "a claim name": ([], ["--nodes", "1:2", "--pvc", "Runs!"], "--pvc Runs!: not a PersistentVolumeClaim name"),
     "a relative mount": ([], ["--nodes", "1:2", "--pvc", "r", "--mount", "shared"], "--mount shared: give an absolute"),
+    "elastic without a claim": ([], ["--nodes", "1:2", "--pvc", None], "--nodes 1:2 without --pvc"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_input_is_exit_2_and_writes_nothing(tmp_path, monkeypatch, capsys, case):
     config, options, message = BAD[case]
+    if None in options:  # the case is the missing claim
+        options = [o for o in options if o not in ("--pvc", None)]
+    elif "--pvc" not in options:  # an elastic job needs one
+        options = options + ["--pvc", "r"]
     config = config or [digits(tmp_path, global_batch_size=64, micro_batch_size=32)]  # 64 splits at 1 and 2, not 3
     code, docs, _ = write_manifest(tmp_path, monkeypatch, [*config, "--image", "x", *options])
     assert code == 2 and docs == []
