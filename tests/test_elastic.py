@@ -26,10 +26,11 @@ MAX_STEPS, EVERY = 36, 5
 RDZV_CONF = "last_call_timeout=4,keep_alive_interval=2,keep_alive_max_attempt=3"
 
 
-def elastic_config(path: Path, run_dir: Path, strategy: str = "auto", **dist) -> Path:
+def elastic_config(path: Path, run_dir: Path, strategy: str = "auto", delay_s: float = 0.04, **dist) -> Path:
+    """A pause of delay_s in every loss call (per micro-batch) keeps the run going while nodes come and go."""
     return write_config(path, {
         "strategy": strategy,
-        "recipe": {"name": "toy_recipes.slow", "hidden": 32, "delay_s": 0.04},
+        "recipe": {"name": "toy_recipes.slow", "hidden": 32, "delay_s": delay_s},
         "run_dir": str(run_dir),
         "train": {"global_batch_size": 48, "micro_batch_size": 8, "max_steps": MAX_STEPS, "log_every_steps": 1,
                   "seed": 0},
@@ -172,7 +173,7 @@ def test_a_lost_node_scales_the_job_down_and_it_finishes_with_the_same_losses(tm
 
 def test_a_node_that_joins_scales_the_job_up_without_redoing_a_step(tmp_path, reference, nodes):
     run_dir = tmp_path / "run"
-    cfg = elastic_config(tmp_path / "c.yaml", run_dir)
+    cfg = elastic_config(tmp_path / "c.yaml", run_dir, delay_s=0.15)  # ~30 s alone: time for the other to start
     endpoint = port()
     nodes.append(Node(cfg, "1:2", endpoint, tmp_path / "a.log"))
     wait_for(run_dir, lambda r: r["step"] >= 3, "step 3", nodes)
