@@ -199,15 +199,9 @@ def cmd_k8s(args) -> int:
 
 def check_options(args) -> int:
     """The options that need no config; returns the workers per pod."""
-    gpus = args.gpus_per_node
-    nproc = args.nproc_per_node if args.nproc_per_node is not None else (gpus or 1)
-    if gpus is not None and gpus < 1:
-        raise ConfigError(f"--gpus-per-node {gpus}: it must be at least 1 (leave it out for CPU-only pods)")
-    if nproc < 1:
-        raise ConfigError(f"--nproc-per-node {nproc}: it must be at least 1")
-    if gpus is not None and nproc > gpus:
-        raise ConfigError(f"--nproc-per-node {nproc} is more than --gpus-per-node {gpus}: two workers cannot share a "
-                          "GPU under NCCL; use at most one worker per GPU")
+    from .preflight import workers_per_node
+
+    nproc = workers_per_node(args.gpus_per_node, args.nproc_per_node)
     if not args.image.strip() or re.search(r"\s", args.image):
         raise ConfigError(f"--image {args.image!r}: give an image reference without spaces, e.g. "
                           "registry.example.com/launcher:1.0")

@@ -325,6 +325,19 @@ def parse_nodes(text: str, flag: str, sep: str) -> tuple[int, int]:
     return low, high
 
 
+def workers_per_node(gpus: int | None, nproc: int | None) -> int:
+    """--gpus-per-node G and --nproc-per-node P of a job script or manifest -> P (default G, or 1)."""
+    nproc = nproc if nproc is not None else (gpus or 1)
+    if gpus is not None and gpus < 1:
+        raise ConfigError(f"--gpus-per-node {gpus}: it must be at least 1 (leave it out where there are no GPUs)")
+    if nproc < 1:
+        raise ConfigError(f"--nproc-per-node {nproc}: it must be at least 1")
+    if gpus is not None and nproc > gpus:
+        raise ConfigError(f"--nproc-per-node {nproc} is more than --gpus-per-node {gpus}: two workers cannot share a "
+                          "GPU under NCCL; use at most one worker per GPU")
+    return nproc
+
+
 def check_node_range(cfg: Config, nproc: int, min_nodes: int, max_nodes: int) -> None:
     """An elastic job may run at every world size from MIN x P to MAX x P: its batch math and its
     strategy must hold at each (docs/design.md, Elastic jobs)."""

@@ -274,18 +274,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_slurm(args) -> int:
-    from .preflight import check_inputs, check_node_range, parse_nodes
+    from .preflight import check_inputs, check_node_range, parse_nodes, workers_per_node
 
-    gpus = args.gpus_per_node
-    nproc = args.nproc_per_node if args.nproc_per_node is not None else (gpus or 1)
+    nproc = workers_per_node(args.gpus_per_node, args.nproc_per_node)
     min_nodes, nodes = parse_nodes(args.nodes, "--nodes", "-")  # nodes: the most the job may run on
-    if gpus is not None and gpus < 1:
-        raise ConfigError(f"--gpus-per-node {gpus}: it must be at least 1 (leave it out on a CPU-only cluster)")
-    if nproc < 1:
-        raise ConfigError(f"--nproc-per-node {nproc}: it must be at least 1")
-    if gpus is not None and nproc > gpus:
-        raise ConfigError(f"--nproc-per-node {nproc} is more than --gpus-per-node {gpus}: two workers cannot share a "
-                          "GPU under NCCL; use at most one worker per GPU")
     unlimited = (args.time or "").upper() in ("INFINITE", "UNLIMITED")
     limit = slurm_minutes(args.time) if args.time and not unlimited else None
     if args.time and not unlimited and limit is None:
