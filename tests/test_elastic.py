@@ -52,12 +52,14 @@ def reference(tmp_path_factory) -> list[float]:
 class Node:
     """One `launcher run --nproc 1 --nnodes MIN:MAX` process and its workers."""
 
-    def __init__(self, cfg: Path, nodes: str, port: int, log: Path):
+    def __init__(self, cfg: Path, nodes: str, port: int, log: Path, host: bool):
+        """host: this node serves the rendezvous. Said explicitly: every node on the loopback matches
+        127.0.0.1, and left to itself the node that binds the port first would host it."""
         self.log = log
         self.out = log.open("w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "launcher", "run", str(cfg), "--nproc", "1", "--nnodes", nodes,
-             "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-conf", RDZV_CONF],
+             "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-conf", f"{RDZV_CONF},is_host={int(host)}"],
             cwd=ROOT, env=worker_env(), stdout=self.out, stderr=subprocess.STDOUT, text=True)
 
     def kill(self) -> None:
@@ -142,9 +144,8 @@ def test_a_lost_node_scales_the_job_down_and_it_finishes_with_the_same_losses(tm
     run_dir = tmp_path / "run"
     cfg = elastic_config(tmp_path / "c.yaml", run_dir, strategy)
     endpoint = port()
-    nodes.append(Node(cfg, "1:2", endpoint, tmp_path / "a.log"))  # at the endpoint: it hosts the rendezvous
-    time.sleep(0.5)
-    nodes.append(Node(cfg, "1:2", endpoint, tmp_path / "b.log"))
+    nodes.append(Node(cfg, "1:2", endpoint, tmp_path / "a.log", host=True))
+    nodes.append(Node(cfg, "1:2", endpoint, tmp_path / "b.log", host=False))
     host, lost = nodes
     wait_for(run_dir, lambda r: r["world_size"] == 2 and r["step"] >= 8, "world size 2 past step 8", nodes)
     lost.kill()
@@ -175,10 +176,10 @@ def test_a_node_that_joins_scales_the_job_up_without_redoing_a_step(tmp_path, re
     run_dir = tmp_path / "run"
     cfg = elastic_config(tmp_path / "c.yaml", run_dir, delay_s=0.15)  # ~30 s alone: time for the other to start
     endpoint = port()
-    nodes.append(Node(cfg, "1:2", endpoint, tmp_path / "a.log"))
+    nodes.append(Node(cfg, "1:2", endpoint, tmp_path / "a.log", host=True))
     wait_for(run_dir, lambda r: r["step"] >= 3, "step 3", nodes)
     joined_at = time.monotonic()
-    nodes.append(Node(cfg, "1:2", endpoint, tmp_path / "b.log"))
+    nodes.append(Node(cfg, "1:2", endpoint, tmp_path / "b.log", host=False))
     wait_for(run_dir, lambda r: r["world_size"] == 2, "world size 2", nodes)
     resize_s = time.monotonic() - joined_at
     assert [n.wait() for n in nodes] == [0, 0], nodes[0].text()[-4000:] + nodes[1].text()[-4000:]
@@ -199,9 +200,8 @@ def test_below_min_nodes_the_job_ends_with_one_message_and_a_rerun_resumes(tmp_p
     run_dir = tmp_path / "run"
     cfg = elastic_config(tmp_path / "c.yaml", run_dir, timeout_s=20)
     endpoint = port()
-    nodes.append(Node(cfg, "2:3", endpoint, tmp_path / "a.log"))
-    time.sleep(0.5)
-    nodes.append(Node(cfg, "2:3", endpoint, tmp_path / "b.log"))
+    nodes.append(Node(cfg, "2:3", endpoint, tmp_path / "a.log", host=True))
+    nodes.append(Node(cfg, "2:3", endpoint, tmp_path / "b.log", host=False))
     host, lost = nodes
     wait_for(run_dir, lambda r: r["step"] >= 7, "step 7", nodes)
     lost.kill()
@@ -219,7 +219,7 @@ def test_below_min_nodes_the_job_ends_with_one_message_and_a_rerun_resumes(tmp_p
 
     # The nodes back: the same command resumes from the newest checkpoint and finishes.
     endpoint = port()
-    again = [Node(cfg, "2:3", endpoint, tmp_path / f"again{i}.log") for i in range(2)]
+    again = [Node(cfg, "2:3", endpoint, tmp_path / f"again{i}.log", host=i == 0) for i in range(2)]
     nodes += again
     assert [n.wait() for n in again] == [0, 0], again[0].text()[-4000:]
     assert "resumed from" in again[0].text()
