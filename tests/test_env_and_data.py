@@ -5,6 +5,7 @@ import torch
 from launcher.batch import BatchSizes
 from launcher.data import ShardedSampler, eval_batches
 from launcher.env import detect, first_host, slurm_port
+from launcher.spawn import rdzv_id
 
 TORCHRUN = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1",
             "MASTER_ADDR": "node7", "MASTER_PORT": "29400"}
@@ -49,6 +50,14 @@ def test_single_process():
 ])
 def test_first_host(nodelist, first):
     assert first_host(nodelist) == first
+
+
+def test_an_elastic_jobs_default_rdzv_id_is_the_same_on_every_node(monkeypatch):
+    """Nodes that derive different ids never meet: the id may depend only on what they share."""
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert rdzv_id("host0:29500") == rdzv_id("host0:29500") != rdzv_id("host0:29501")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    assert rdzv_id("host0:29500") == "slurm-4242"
 
 
 def rank_indices(plan, rank, epoch=0, start_step=0, shuffle=True, seed=0):
