@@ -74,8 +74,8 @@ def rng_state() -> dict:
              "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss_next": gauss},
              "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                        "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this process's GPU only: a resume may see fewer GPUs
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
@@ -87,7 +87,11 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
                          numpy["cached_gaussian"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        device, cuda = torch.cuda.current_device(), state["cuda"]
+        if isinstance(cuda, (list, tuple)):  # older checkpoints: every visible GPU's, by index
+            cuda = cuda[device] if device < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
 
 
 def load_safely(path: Path) -> dict:

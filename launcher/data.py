@@ -11,6 +11,11 @@ it does not depend on num_workers or prefetching.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
+from collections import UserDict
+from collections.abc import Mapping
+
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -149,11 +154,23 @@ class EvalLoader:
 def to_device(batch, device: torch.device):
     """Host to device, asynchronous when the batch is pinned (data.pin_memory), else a plain copy.
     Safe: the kernels that read the batch queue behind the copy on the same stream, and torch's pinned
-    allocator does not reuse the source until the copy is done."""
+    allocator does not reuse the source until the copy is done.
+
+    Containers keep their type: mappings (a BatchEncoding, an OrderedDict; another Mapping becomes a
+    dict), dataclasses, named tuples, lists and tuples."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, Mapping):
+        moved = {k: to_device(v, device) for k, v in batch.items()}
+        if type(batch) is dict or not isinstance(batch, (dict, UserDict)):
+            return moved
+        new = copy.copy(batch)  # the same type, with its other attributes (a BatchEncoding's encodings)
+        for k, v in moved.items():
+            new[k] = v
+        return new
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        return dataclasses.replace(batch, **{f.name: to_device(getattr(batch, f.name), device)
+                                             for f in dataclasses.fields(batch) if f.init})
     if isinstance(batch, (list, tuple)):
         moved = [to_device(v, device) for v in batch]
         return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)

@@ -15,6 +15,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .errors import ConfigError
 from .watchdog import COLLECTIVE_GRACE_S
 
 
@@ -98,16 +99,46 @@ def first_host(nodelist: str) -> str:
 
 
 def device_for(env: DistEnv) -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", env.local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
+    """This process's device: GPU local_rank of those it sees (under srun with one GPU bound per task,
+    that one); refused where the node has more processes than GPUs, since two ranks on one GPU fail
+    in NCCL. The CPU without CUDA."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if env.launcher == "slurm" and count == 1:
+        # srun --gpus-per-task=1 / --gpu-bind: each task sees its own GPU, as device 0
+        return torch.device("cuda", 0)
+    if env.local_world_size > count or env.local_rank >= count:  # every process of the node refuses alike
+        raise ConfigError(too_few_gpus(max(env.local_world_size, env.local_rank + 1), count))
+    return torch.device("cuda", env.local_rank)
+
+
+def check_gpus(nproc_per_node: int) -> None:
+    """Before any worker starts: one GPU for each process of this node. A no-op without CUDA."""
+    if torch.cuda.is_available() and nproc_per_node > torch.cuda.device_count():
+        raise ConfigError(too_few_gpus(nproc_per_node, torch.cuda.device_count()))
+
+
+def too_few_gpus(processes: int, gpus: int) -> str:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return (f"{processes} processes on this node but only {gpus} GPU(s) visible"
+            + (f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else "")
+            + ": each process needs a GPU of its own (two on one GPU fail in NCCL with 'Duplicate GPU "
+            f"detected'). Lower --nproc (or srun's tasks per node) to {gpus}, or make more GPUs visible "
+            "(CUDA_VISIBLE_DEVICES)")
+
+
+def backend_for(device: torch.device) -> str:
+    """NCCL for CUDA tensors, with gloo beside it for CPU tensors (the norm of FSDP's CPU-offloaded
+    gradients, the fp16 scaler's checks of them); gloo on the CPU."""
+    return "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
 
 
 _store: dist.Store | None = None  # the rendezvous store of this process's group, once joined
 
 
 def init_process_group(env: DistEnv, device: torch.device, timeout_s: float) -> None:
-    """Join the group (NCCL with CUDA, gloo on the CPU); a no-op for one process.
+    """Join the group (NCCL and gloo with CUDA, gloo on the CPU: backend_for); a no-op for one process.
 
     Collectives time out a grace period after dist.timeout_s, so that the watchdog's
     report of a stalled rank (launcher/watchdog.py) comes before a bare backend error.
@@ -117,10 +148,14 @@ def init_process_group(env: DistEnv, device: torch.device, timeout_s: float) -> 
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank))
+    # LOCAL_RANK is the device this process uses (DeepSpeed calls set_device(LOCAL_RANK)): under srun
+    # with one GPU per task that is 0, not SLURM_LOCALID. LAUNCHER_LOCAL_RANK keeps the rank on the node.
+    local = device.index if device.type == "cuda" else env.local_rank
+    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(local),
+                      LAUNCHER_LOCAL_RANK=str(env.local_rank))
     _store = rendezvous_store(env, timeout_s)
     dist.init_process_group(
-        backend="nccl" if device.type == "cuda" else "gloo",
+        backend=backend_for(device),
         store=_store,
         rank=env.rank,
         world_size=env.world_size,
@@ -154,7 +189,7 @@ def ensure_process_group(device: torch.device) -> None:
         return
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # init_process_group joins the real group first
         raise RuntimeError("a distributed run reached the strategy before its process group was initialised")
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(),
+    dist.init_process_group(backend=backend_for(device), store=dist.HashStore(),
                             rank=0, world_size=1, device_id=device if device.type == "cuda" else None)
 
 

@@ -75,8 +75,10 @@ def is_main_process() -> bool:
 
 
 def first_on_node() -> bool:
-    """False in the workers of a node other than its first (torchrun and srun number them)."""
-    return os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")) == "0"
+    """False in the workers of a node other than its first (torchrun and srun number them). LOCAL_RANK
+    names a worker's GPU once it has joined (0 in every srun task bound to one GPU): the rank on the
+    node is then in LAUNCHER_LOCAL_RANK."""
+    return os.environ.get("LAUNCHER_LOCAL_RANK", os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))) == "0"
 
 
 def say(message: str) -> None:

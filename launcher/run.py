@@ -43,13 +43,14 @@ def remove_if_untouched(run_dir: Path, fresh: bool) -> None:
 
 
 def check_and_run(cfg: Config, args) -> int:
-    from .env import detect
+    from .env import check_gpus, detect
     from .preflight import check_inputs, check_launch_variables, check_node_launch, check_node_range, finished
 
     check_launch_variables()
     env = detect()
     check_node_launch(args, env)
     if args.nproc:
+        check_gpus(args.nproc)  # two ranks on one GPU: NCCL would fail later as a lost peer
         check_node_range(cfg, args.nproc, args.min_nodes, args.max_nodes)  # every size an elastic job may take
     world = args.nproc * args.max_nodes if args.nproc else env.world_size
     checked = check_inputs(cfg, world, args.config, probe_step=bool(args.nproc))

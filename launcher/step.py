@@ -157,8 +157,14 @@ class StepRunner:
         num = nums[0] if A == 1 else torch.stack(nums).sum()
         if not pair:
             return (num / A if A > 1 else num), self.one
-        den = torch.as_tensor(dens[0] if A == 1 else torch.stack([torch.as_tensor(d) for d in dens]).sum(),
-                              device=self.device, dtype=torch.float32)
+        # The count without a copy from the host (a blocking one on a GPU): the counts given as Python
+        # numbers are summed here and filled in (a kernel argument), tensors are added to that on the
+        # device (a CPU scalar tensor is a kernel argument too).
+        den = torch.full((), float(sum(d for d in dens if not torch.is_tensor(d))), device=self.device,
+                         dtype=torch.float32)
+        for d in dens:
+            if torch.is_tensor(d):
+                den += d.detach()
         if not self.whole_step_local:
             totals = all_reduce_sum(torch.stack([num, den]))
             self.strategy.scale_grads(self.env.world_size / totals[1])

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from .checkpoint import load_safely
-from .data import EvalLoader, MapData
+from .data import EvalLoader, MapData, resolve_pin_memory
 from .errors import ConfigError
 from .fs import say
 
@@ -344,8 +344,8 @@ def train_data(dataset, sizes, rank: int, cfg, collate, device):
     """The training data the loop holds: a stream (StreamData) or a map-style set (data.MapData),
     which answer the same calls."""
     if is_stream(dataset):
-        return StreamData(dataset, sizes, rank, cfg.data.num_workers, collate, device.type == "cuda",
-                          cfg.data.prefetch_factor)
+        return StreamData(dataset, sizes, rank, cfg.data.num_workers, collate,
+                          resolve_pin_memory(cfg.data.pin_memory), cfg.data.prefetch_factor)
     return MapData(dataset, sizes, rank, cfg.data, cfg.train.seed, collate)
 
 

@@ -5,6 +5,10 @@ until the queue drains. On the CPU there is no queue, so the reads are counted i
 every Tensor method that hands a value to the host is patched to record which step of
 which function asked. Reads of the sampler's index tensors (host data by nature) are not
 device reads and are left out.
+
+The other way round, a tensor made on the device from host values (`torch.tensor(n, device=...)`,
+`torch.as_tensor`, `new_tensor`, ...) is a blocking copy from the host: such calls by launcher or
+recipe code inside a step are recorded too (the data loader's, on host data, are not).
 """
 import sys
 import traceback
@@ -38,11 +42,39 @@ def host_reads(monkeypatch, trainer):
     return seen
 
 
-def train(tmp_path, monkeypatch, **train):
-    cfg = write_config(tmp_path / "c.yaml", digits_config(
-        tmp_path / "run", train={"max_steps": 20, "log_every_steps": 10, **train.pop("train", {})}, **train))
+MAKERS = ((torch, "tensor"), (torch, "as_tensor"), (torch, "scalar_tensor"), (torch.Tensor, "new_tensor"))
+TORCH = torch.__file__.rsplit("/", 1)[0] + "/"
+
+
+def tensors_from_host(monkeypatch, trainer):
+    """Patch the tensor makers; returns the list of (trainer step, the function that made a tensor from
+    host values, the launcher functions on the stack) for the calls by code outside torch."""
+    seen = []
+    for owner, name in MAKERS:
+        original = getattr(owner, name)
+
+        def patched(*args, _original=original, _method=owner is torch.Tensor, **kwargs):
+            given = args[1:] if _method else args
+            data = given[0] if given else kwargs.get("data", kwargs.get("s"))  # scalar_tensor's is `s`
+            caller = sys._getframe(1)
+            stack = traceback.extract_stack(caller, limit=30)
+            if (not torch.is_tensor(data) and not caller.f_code.co_filename.startswith(TORCH)
+                    and not any(part in frame.filename for frame in stack for part in HOST_DATA)):
+                seen.append((trainer.step, caller.f_code.co_name, [f.name for f in stack if "/launcher/" in f.filename]))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, patched)
+    return seen
+
+
+def train(tmp_path, monkeypatch, record=host_reads, recipe=None, **train):
+    config = digits_config(tmp_path / "run", train={"max_steps": 20, "log_every_steps": 10, **train.pop("train", {})},
+                           **train)
+    if recipe:
+        config["recipe"] = recipe  # whole, not merged into the digits recipe's keys
+    cfg = write_config(tmp_path / "c.yaml", config)
     trainer = Trainer(load_config(cfg), DistEnv("single"), torch.device("cpu"))
-    seen = host_reads(monkeypatch, trainer)
+    seen = record(monkeypatch, trainer)
     trainer.train_loop()
     monkeypatch.undo()
     return trainer, seen
@@ -58,6 +90,39 @@ def test_only_logged_steps_read_device_values(tmp_path, monkeypatch, precision):
     assert {step for step, *_ in seen} == {10, 20}
     assert {fn for _, fn, _ in seen} <= {"row", "read"}  # rows.RowMaker.row, step.NonFiniteGuard.read
     assert [r["step"] for r in metrics(tmp_path / "run")[0]] == [10, 20]
+
+
+@pytest.mark.parametrize("recipe", [
+    {"name": "recipes.digits", "hidden": 32},
+    {"name": "recipes.gpt", "n_layer": 1, "n_head": 1, "d_model": 8, "seq_len": 8, "max_chars": 6000},  # pairs
+    {"name": "toy_recipes.tokens"},  # pairs whose count is a tensor
+    {"name": "toy_recipes.lightning_full"},  # self.log
+], ids=["digits", "gpt", "tokens", "lightning"])
+def test_no_step_copies_host_values_to_the_device(tmp_path, monkeypatch, recipe):
+    """torch.tensor(n, device=cuda) waits for the copy; a step makes its tensors from device values, or
+    by torch.full (a kernel argument, no copy), or keeps host numbers on the host."""
+    if recipe["name"] == "toy_recipes.lightning_full":  # it also logs a Python number every step
+        from toy_recipes.lightning_full import DigitsModule
+
+        def training_step(self, batch, batch_idx, _step=DigitsModule.training_step):
+            self.log("batch_idx", float(batch_idx))
+            return _step(self, batch, batch_idx)
+
+        monkeypatch.setattr(DigitsModule, "training_step", training_step)
+    trainer, made = train(tmp_path, monkeypatch, record=tensors_from_host, recipe=recipe)
+    in_steps = [m for m in made if "train_step" in m[2]]
+    assert in_steps == [], f"tensors made from host values inside train_step: {in_steps[:5]}"
+    assert [r["step"] for r in metrics(tmp_path / "run")[0]] == [10, 20]
+
+
+def test_the_maker_counter_sees_a_tensor_made_from_a_number(tmp_path, monkeypatch):
+    """The counter sees such tensors when there are some: a loss scaled by torch.tensor(1.0, device=...)."""
+    from recipes import digits
+
+    loss = digits.loss
+    monkeypatch.setattr(digits, "loss", lambda model, batch: loss(model, batch) * torch.tensor(1.0, device="cpu"))
+    trainer, made = train(tmp_path, monkeypatch, record=tensors_from_host)
+    assert sorted({step for step, fn, ours in made if "train_step" in ours}) == list(range(20))
 
 
 def test_an_optimizer_that_cannot_skip_on_the_device_reads_once_a_step(tmp_path, monkeypatch):
