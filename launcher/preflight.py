@@ -23,7 +23,7 @@ from .data import resolve_pin_memory
 from .env import detect
 from .errors import ConfigError
 from .fs import check_writable, is_main_process, say, warn
-from .optim import implementation
+from .optim import fused_refusal, fused_unavailable
 from .recipe import Recipe, RecipeError, unwrap_lightning, user_traceback
 from .strategies import resolve_name, strategy_class
 from .strategies.base import check_checkpoint_units, default_shard_units, outermost
@@ -53,6 +53,7 @@ def check_inputs(cfg: Config, world_size: int, origin: str, report_only: bool = 
     strategy_class(resolve_name(cfg.strategy, world_size)).check(cfg, sizes, world_size, local_world_size)
     check_loggers(cfg)
     check_switches(cfg, recipe)
+    check_fused_optimizer(cfg, recipe, world_size)
     resume = resume_from(cfg.checkpoint, Path(cfg.run_dir), world_size, may_move=is_main_process() and not report_only)
     if resume is not None:
         check_resume_config(resume, cfg)
@@ -131,13 +132,29 @@ def check_switches(cfg: Config, recipe: Recipe) -> None:
     if cfg.train.sync_batchnorm and not torch.cuda.is_available():
         raise ConfigError("train.sync_batchnorm=true needs CUDA: torch's SyncBatchNorm runs on GPUs only (NCCL). On the "
                           "CPU each process normalises over its own micro-batch: set train.sync_batchnorm=false")
-    if cfg.optim.impl == "fused" and "optim" not in recipe.replaces():
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        implementation("fused", [torch.empty(0, device=device)])  # raises where torch has no fused kernel
     if cfg.train.activation_checkpointing:
         model = unwrap_lightning(recipe.check_model())
         check_checkpoint_units(outermost([u for u in (recipe.shard_units or default_shard_units)(model)
                                           if u is not model]))
+
+
+def check_fused_optimizer(cfg: Config, recipe: Recipe, world_size: int) -> None:
+    """optim.impl=fused where torch's fused kernel of optim.name cannot step the parameters the strategy
+    will hand the optimizer: their device (the host's with offload), and under FSDP DTensors, which
+    need a DTensor sharding rule for the kernel (torch 2.13 has none for SGD's). A worker would meet
+    it building the optimizer (optim.implementation); optim.impl=auto takes foreach there instead."""
+    if cfg.optim.impl != "fused" or "optim" in recipe.replaces():
+        return
+    strategy = resolve_name(cfg.strategy, world_size)
+    offloaded = ((strategy == "fsdp" and cfg.fsdp.cpu_offload)
+                 or (strategy == "deepspeed" and cfg.deepspeed.offload_optimizer))
+    device = "cuda" if torch.cuda.is_available() and not offloaded else "cpu"
+    # fp32 whatever the precision: FSDP and ZeRO keep fp32 master weights, and autocast leaves the
+    # parameters as they are.
+    reason = fused_unavailable(cfg.optim.name, device, torch.float32, dtensor=strategy == "fsdp")
+    if reason:
+        where = f" with optim.name={cfg.optim.name} and strategy={strategy}" if strategy == "fsdp" else ""
+        raise ConfigError(fused_refusal(reason, where))
 
 
 def report_replaced_sections(cfg: Config, recipe: Recipe) -> None:
