@@ -174,13 +174,15 @@ class TrainerView:
 
 class Logged:
     """One name's values logged with self.log over a window (a step, an epoch, a validation),
-    kept on the device: reading them back waits for the logging step."""
+    kept where they were logged (the device, or the host for numbers and CPU tensors): reading
+    them back waits for the logging step."""
 
     IDENTITY = {"mean": 0.0, "sum": 0.0, "max": float("-inf"), "min": float("inf")}
 
     def __init__(self, reduce_fx: str, sync_dist: bool, prog_bar: bool, device: torch.device):
         self.reduce_fx, self.sync_dist, self.prog_bar = reduce_fx, sync_dist, prog_bar
-        self.total = torch.tensor(self.IDENTITY[reduce_fx], device=device)  # mean: the weighted sum
+        # torch.full: a fill kernel; torch.tensor(number, device=cuda) would be a blocking copy
+        self.total = torch.full((), self.IDENTITY[reduce_fx], device=device)  # mean: the weighted sum
         self.weight = torch.zeros((), device=device)
         self.last = None
 
@@ -207,7 +209,14 @@ class LightningRun:
     def __init__(self, module: nn.Module, state):
         self.module, self.state = module, state
         self.cfg, self.env, self.plan = state.cfg, state.env, state.sizes
-        module.to(state.device)  # its own .to(): it keeps self.device right, before the strategy wraps it
+        if any(p.is_meta for p in module.parameters()):
+            # A skeleton the strategy fills in place (docs/design.md, Building the model): nothing to move,
+            # but self.device must name where it will live (Lightning's mixin keeps it in _device).
+            for m in module.modules():
+                if hasattr(m, "_device"):
+                    m._device = state.device
+        else:
+            module.to(state.device)  # its own .to(): it keeps self.device right, before the strategy wraps it
         self.stage = "train"
         self.step_logs: dict[str, Logged] = {}   # on_step values of training (latest a step)
         self.epoch_logs: dict[str, Logged] = {}  # on_epoch values of training (the epoch so far)
@@ -285,8 +294,8 @@ class LightningRun:
         if fx is None:
             raise ConfigError(f"self.log({name!r}, reduce_fx={reduce_fx!r}): launcher reduces with mean, sum, max "
                               "or min")
-        if not torch.is_tensor(value):
-            value = torch.tensor(float(value), device=self.state.device)
+        if not torch.is_tensor(value):  # a number stays on the host (no copy in the step) until reduce()
+            value = torch.full((), float(value))
         size = batch_size or self.batch_size
         training = self.stage == "train"
         on_step = training if on_step is None else on_step
@@ -318,12 +327,15 @@ class LightningRun:
             else:
                 total, weight, fx = item.total, item.weight, item.reduce_fx
             if item.sync_dist and dist.is_initialized() and self.env.world_size > 1:
+                # On the run's device: NCCL cannot reduce the CPU tensors of logged numbers or CPU values
+                # (a logging step may wait for the copy).
+                device = self.state.device
                 if fx in ("mean", "sum"):
-                    both = torch.stack([total, weight])
+                    both = torch.stack([total.to(device), weight.to(device)])
                     dist.all_reduce(both)
                     total, weight = both[0], both[1]
                 else:
-                    total = total.clone()
+                    total = total.to(device, copy=True)  # reduced in place: not the tensor the log keeps
                     dist.all_reduce(total, op=dist.ReduceOp.MAX if fx == "max" else dist.ReduceOp.MIN)
             out[name] = float(total / weight) if fx == "mean" else float(total)
         return out

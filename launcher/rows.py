@@ -7,6 +7,7 @@ over the window: the row's read has drained the device's queue, so no step needs
 """
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 
@@ -104,15 +105,47 @@ def memory_figures(device: torch.device) -> dict:
     return {"mem_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / gib}  # KiB on Linux
 
 
+# (name, bf16/fp16, fp32) peak FLOP/s of one GPU: NVIDIA's datasheet figures, dense (the datasheets'
+# headline tensor figures are "with sparsity", twice these); bf16/fp16 on tensor cores, fp32 without
+# TF32 (torch leaves it off for matmuls). The PCIe and NVL cards are slower than the SXM parts, whose
+# names carry no form factor ("NVIDIA H100 80GB HBM3"). Matched as whole words of the device name,
+# first match first: "H100 PCIe" before "H100"; "L4" is not "L40", "A10" neither "A100" nor "A10G"
+# (not listed: no MFU rather than a wrong one).
+PEAK_FLOPS = (
+    ("H100 PCIe", 756e12, 51e12), ("H100 NVL", 835e12, 60e12), ("H100", 989e12, 67e12),
+    ("H200 NVL", 835e12, 60e12), ("H200", 989e12, 67e12), ("GH200", 989e12, 67e12),
+    ("H800 PCIe", 756e12, 51e12), ("H800", 989e12, 67e12),
+    ("A100", 312e12, 19.5e12), ("A800", 312e12, 19.5e12),  # SXM and PCIe alike
+    ("L40S", 362e12, 91.6e12), ("L40", 181e12, 90.5e12), ("L4", 121e12, 30.3e12), ("A10", 125e12, 31.2e12),
+    ("4090", 165e12, 82.6e12),
+)
+
+
 def peak_flops(device: torch.device, precision: str) -> float | None:
-    """Dense peak FLOP/s of one device, for MFU; None where unknown (CPU)."""
+    """Dense peak FLOP/s of one device, for MFU; None where unknown (CPU, a GPU not in PEAK_FLOPS)."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    # More specific names first: "L4" is also in "L40S".
-    half = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
-            "4090": 165e12}
-    fp32 = {"H100": 67e12, "H200": 67e12, "A100": 19.5e12, "L40S": 91.6e12, "L4": 30e12, "A10": 31e12,
-            "4090": 82e12}
-    table = fp32 if precision == "fp32" else half
-    return next((v for k, v in table.items() if k in name), None)
+    for part, half, fp32 in PEAK_FLOPS:
+        if re.search(rf"\b{part}\b", name):
+            return fp32 if precision == "fp32" else half
+    return None
+
+
+def peak_memory_per_rank(device: torch.device, world_size: int) -> list[float]:
+    """Each rank's peak memory so far in GiB (the device's allocator on CUDA, the resident set on the CPU),
+    gathered on every rank."""
+    figures = memory_figures(device)
+    mine = figures.get("mem_max_allocated_gib", figures.get("mem_rss_gib", 0.0))
+    if world_size == 1 or not torch.distributed.is_initialized():
+        return [mine]
+    every: list = [None] * world_size
+    torch.distributed.all_gather_object(every, mine)
+    return every
+
+
+def setup_memory_line(device: torch.device, world_size: int) -> str:
+    """What building and sharding the model cost each rank (launcher plan states what to expect)."""
+    peaks = peak_memory_per_rank(device, world_size)
+    where = "CUDA allocated" if device.type == "cuda" else "resident set"
+    return f"set-up peak memory per rank (GiB): {' '.join(f'{p:.2f}' for p in peaks)} ({where})"
