@@ -304,6 +304,32 @@ def zero3(s: Setup) -> Row:
     return Row("", [one] * W, legend + host_note(offload_opt, "master weights and optimizer state") + unmodelled(s))
 
 
+def setup_peak(s: Setup, key: str, init_weights: bool, resuming: bool = False) -> tuple[list[Held], str]:
+    """What each rank holds at the peak of building the model (docs/design.md, Building the model), and
+    a line saying what that is. Sharded (fsdp, HSDP, ZeRO-3): its own shards plus one whole parameter
+    at a time, and on global rank 0 the one whole model in host memory it fills the others from (none
+    with init_weights under FSDP, none resuming); ZeRO-3 then copies its partitions into one flat
+    buffer beside a flat gradient partition (three partitions at once). Replicated: the whole model."""
+    m, row = s.model, ROWS[key][1](s)
+    whole = sum((held(p.numel, p.itemsize, host=True) for p in m.params), Held())
+    one = max((held(p.numel, p.itemsize) for p in m.params), key=lambda h: h.bytes, default=Held())
+    if key not in ("fsdp", "hsdp", "zero3"):
+        return [whole] * s.world, "every rank builds the whole model from the seed"
+    copy = not resuming and not (init_weights and key != "zero3")
+    out = []
+    for r, rank in enumerate(row.ranks):
+        filling = rank.parameters + one + (whole if copy and r == 0 else Held())
+        if key == "zero3":  # partitions, their flat copy and the flat gradient partition
+            filling = filling if filling.bytes > 3 * rank.params.bytes else rank.params + rank.params + rank.params
+        out.append(filling)
+    source = ("each rank's shards initialised in place by the recipe's init_weights" if init_weights and key != "zero3"
+              else "the checkpoint fills each rank's shards" if resuming
+              else "rank 0 builds the whole model in host memory and fills every rank's shards from it")
+    return out, f"{source}, one whole parameter at a time" + ("; then ZeRO-3 copies its partitions into one "
+                                                               "flat buffer beside its gradient partition"
+                                                               if key == "zero3" else "")
+
+
 def model_itemsize(s: Setup) -> int | None:
     """DeepSpeed casts the whole module to bf16/fp16; None: the parameters keep their dtype."""
     if s.ds.get("bf16", {}).get("enabled") or s.ds.get("fp16", {}).get("enabled"):
@@ -519,6 +545,13 @@ def describe(cfg, recipe, world_size: int, nodes: int = 1) -> str:
                          f"rank {row.largest[0]} the most)")
     lines.append("Not estimated: activations, FSDP's unsharded units and DeepSpeed's communication buckets "
                  "(transient), buffers.")
+    peaks, how = setup_peak(s, mine, init_weights=callable(getattr(recipe.module, "init_weights", None)))
+    lines += ["", f"set-up peak per rank (building the model): {how}:"]
+    if len({p for p in peaks}) == 1:
+        lines.append(f"  every rank {cell(peaks[0])[0]}")
+    else:
+        lines.append(f"  rank 0 {cell(peaks[0])[0]}; ranks 1-{len(peaks) - 1} at most "
+                     f"{cell(max(peaks[1:], key=lambda h: h.bytes))[0]}")
     return "\n".join(lines)
 
 

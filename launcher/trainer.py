@@ -20,6 +20,7 @@ import torch
 
 from . import STARTED_AT
 from .batch import batch_sizes, describe_batch, total_steps
+from .build import ModelSource
 from .checkpoint import Checkpointer, kept_note, resume_from, step_dir_name
 from .config import Config, dump_config
 from .env import DistEnv, rendezvous
@@ -31,7 +32,7 @@ from .optim import Schedule, build_optimizer, build_scheduler
 from .precision import Precision
 from .profiling import StepProfiler
 from .recipe import Recipe, batch_statistics_note
-from .rows import RowMaker, Window
+from .rows import RowMaker, Window, setup_memory_line
 from .run_state import RunState
 from .signals import StopSignals
 from .step import StepRunner
@@ -59,22 +60,27 @@ class Trainer:
         self.state = RunState(cfg, env, self.sizes, self.total_steps, device)
         self.data = train_data(train_set, self.sizes, env.rank, cfg, self.recipe.collate, device)
 
-        torch.manual_seed(cfg.train.seed)  # the same seed on every rank right before building: equal weights
-        model = self.recipe.build_model()
-        self.recipe.check_trainable(model)
-        self.run = self.recipe.run_for(model, self.state)  # the recipe's calls, or a LightningModule's
+        # Known before the model is built: a resumed sharded model takes its weights from the checkpoint.
+        self.resumed_from = resume_from(cfg.checkpoint, self.run_dir, env.world_size, may_move=False)
         cls = strategy_class(resolve_name(cfg.strategy, env.world_size))
+        # The same seed on every rank right before building: equal weights (docs/design.md, Building the model).
+        source = ModelSource(self.recipe, cfg.train.seed, env.rank, device, resuming=self.resumed_from is not None)
+        on_meta = cls.shards_parameters(cfg, self.sizes)
+        model = source.build(on_meta)
+        self.recipe.check_trainable(model, built_on_meta=on_meta)
+        self.run = self.recipe.run_for(model, self.state)  # the recipe's calls, or a LightningModule's
         self.precision = Precision(cfg.precision, device, use_scaler=cls.uses_torch_scaler)
         self.strategy = cls(cfg, env, device, self.precision, self.sizes, self.recipe.shard_units)
-        own_schedule = self.strategy.setup(model, self.make_optimizer)
+        own_schedule = self.strategy.setup(model, self.make_optimizer, source)
         self.schedule = own_schedule or self.make_schedule()
+        if env.world_size > 1:
+            say(setup_memory_line(device, env.world_size))
 
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint, env.rank)
         self.watchdog = Watchdog(cfg.dist.timeout_s, env.rank, env.world_size, rendezvous())
         self.steps = StepRunner(cfg, env, self.sizes, device, self.strategy, self.precision, self.run, self.recipe,
                                 self.checkpointer, self.watchdog, self.state)
         self.steps.schedule = self.schedule
-        self.resumed_from = resume_from(cfg.checkpoint, self.run_dir, env.world_size, may_move=False)
         if self.resumed_from is not None:
             self.restore(self.resumed_from)
         else:

@@ -16,6 +16,7 @@ Validation is the last val_fraction of the windows (the tail of the corpus), or 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import os
@@ -259,14 +260,8 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_head) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.apply(init_weights)
-        # GPT-2: the projections that write into the residual stream get std 0.02 / sqrt(2 * n_layer),
-        # so the residual's variance does not grow with depth.
-        for block in self.blocks:
-            for proj in (block.attn.proj, block.mlp[2]):
-                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * cfg.n_layer))
         if cfg.tie_weights:
-            self.head.weight = self.tok_emb.weight  # one Parameter, after init
+            self.head.weight = self.tok_emb.weight  # one Parameter
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         T = idx.shape[1]
@@ -279,19 +274,52 @@ class GPT(nn.Module):
         return self.head(self.ln_f(x))
 
 
-def init_weights(module: nn.Module) -> None:
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, std=0.02)
-    if isinstance(module, nn.Linear) and module.bias is not None:
-        nn.init.zeros_(module.bias)
+def init_weights(model: GPT) -> None:
+    """Every parameter's initial value (GPT-2's), in a fixed order. The launcher calls it on each
+    rank's shards when it builds the model on the meta device (FSDP), so no process holds the whole
+    model; model() calls it on a real device."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    # The projections that write into the residual stream get std 0.02 / sqrt(2 * n_layer), so the
+    # residual's variance does not grow with depth.
+    for block in model.blocks:
+        for proj in (block.attn.proj, block.mlp[2]):
+            nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * len(model.blocks)))
 
 
 def model(cfg: Config) -> nn.Module:
+    """The GPT with its initial weights on the default device; on the meta device (where the launcher
+    builds it for sharding) without values: init_weights gives them later."""
     if cfg.vocab_size < 1:
         raise ValueError(f"recipe.vocab_size={cfg.vocab_size} must be at least 1")
     if cfg.d_model % cfg.n_head:
         raise ValueError(f"recipe.d_model={cfg.d_model} must be a multiple of recipe.n_head={cfg.n_head}")
-    return GPT(cfg)
+    device = torch.get_default_device()
+    with torch.device("meta"):  # the layers' own initialisation would only be overwritten
+        gpt = GPT(cfg)
+    if device.type != "meta":
+        with swapping_parameters():  # keeps the tied head and embedding one Parameter
+            gpt.to_empty(device=device)
+        init_weights(gpt)
+    return gpt
+
+
+@contextlib.contextmanager
+def swapping_parameters():
+    """Module.to_empty from the meta device makes a new Parameter per module, which unties tied
+    weights; swapping each tensor's contents in place keeps them one."""
+    before = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        yield
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(before)
 
 
 # ---------------------------------------------------------------- loss and metrics
@@ -306,7 +334,9 @@ def loss(model: nn.Module, batch):
 def summed_loss(logits: torch.Tensor, y: torch.Tensor):
     logits = logits.float()  # the softmax in fp32 whatever the autocast dtype
     total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
-    return total, torch.tensor(y.numel(), device=y.device)
+    # The count as a Python int: it is known on the host, and a tensor made from it on the GPU
+    # would be a blocking copy every micro-step.
+    return total, y.numel()
 
 
 def eval_step(model: nn.Module, batch) -> dict:

@@ -6,6 +6,7 @@ start-up time of `launcher run`; checkpoint save and resume times. One command a
     python scripts/bench.py --profile            # cProfile: the launcher's MLP step against the hand-written one
     python scripts/bench.py --startup            # command to first training step, through the real CLI
     python scripts/bench.py --checkpoint         # seconds a save blocks training, sync / async; load
+    python scripts/bench.py --memory             # peak host memory per rank: a 150M GPT under fsdp and ZeRO-3 x4
 
     options: --steps N --warmup N --block N --rounds R --device cpu|cuda --optim-impl for_loop|foreach|fused
 
@@ -356,7 +357,7 @@ def run_accelerate(w: Workload, device: torch.device, log_every: int, now=now):
 RUNNERS = {"plain": run_plain, "launcher": run_launcher, "lightning": run_lightning, "accelerate": run_accelerate}
 LABELS = {"plain": "hand-written loop", "launcher": "launcher Trainer", "lightning": "Lightning Trainer",
           "accelerate": "Accelerate"}
-PACKAGES = {"lightning": "lightning", "accelerate": "accelerate"}
+PACKAGES = {"lightning": "lightning", "accelerate": "accelerate", "deepspeed": "deepspeed"}
 
 
 def installed(name: str) -> bool:
@@ -652,6 +653,108 @@ def checkpoint_times(args) -> None:
           "a plain step's, waits and contention; written after: from save() to the files written)")
 
 
+# ---------------------------------------------------------------- --memory
+# What each rank holds at its peak, a large model's run against a tiny model's: the difference is what
+# the model costs a rank (the torch runtime, the data and the process group cancel out).
+
+BIG_GPT = {"d_model": 1024, "n_layer": 12, "n_head": 16}  # 151M parameters: 604 MB of fp32 weights
+TINY_GPT = {"d_model": 32, "n_layer": 1, "n_head": 2}
+MEMORY_RECIPE = {"seq_len": 64, "max_chars": 40_000}  # and BIG_GPT or TINY_GPT
+RANK0_GPT = str(ROOT / "scripts" / "bench_gpt_rank0.py")  # recipes.gpt without init_weights
+MEMORY_CASES = {  # label: launcher run arguments
+    "fsdp, init_weights": ["strategy=fsdp"],
+    "fsdp, from rank 0": ["strategy=fsdp", f"recipe.name={RANK0_GPT}"],
+    "zero3, from rank 0": ["strategy=deepspeed", "deepspeed.zero_stage=3"],
+}
+# Each worker records its peak resident set (VmHWM) as it leaves. Workers leave through os._exit (no
+# atexit), so a sitecustomize the bench puts first on PYTHONPATH wraps os._exit.
+PEAK_HOOK = """
+import os
+if os.environ.get("BENCH_PEAK_DIR") and "RANK" in os.environ:
+    _exit = os._exit
+
+    def _exit_recording(code):
+        try:
+            with open("/proc/self/status") as f:
+                kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+            with open(os.path.join(os.environ["BENCH_PEAK_DIR"], "rank_" + os.environ["RANK"]), "w") as f:
+                f.write(str(kib * 1024))
+        finally:
+            _exit(code)
+
+    os._exit = _exit_recording
+"""
+# glibc serves allocations below its mmap threshold (raised at run time up to 32 MiB) from heaps that
+# keep freed memory, one heap per thread: the resident set would then count what a step freed long
+# ago, as often as threads freed it. A fixed threshold returns large blocks to the system when they are
+# freed, so the peak resident set is the peak of what was held (the same setting before and after).
+MMAP_THRESHOLD = 128 * 1024
+SETUP_LINE = re.compile(r"set-up peak memory per rank \(GiB\): ([\d. ]+)")
+
+
+def gpt_weights_bytes(model: dict) -> int:
+    module, cfg = load_recipe({"name": "recipes.gpt", **model})
+    with torch.device("meta"):
+        return sum(p.numel() * p.element_size() for p in module.model(cfg).parameters())
+
+
+def peak_memory(args: list[str], model: dict, nproc: int, root: Path = ROOT) -> dict:
+    """Run `launcher run configs/gpt.yaml --nproc N ARGS` with the GPT of `model` (SGD without momentum,
+    2 steps of 4 samples, fp32) and return {"peaks": bytes per rank, "setup": GiB per rank from the launcher's own
+    line (None where it prints none), "code", "tail"}."""
+    with tempfile.TemporaryDirectory() as tmp:
+        hook_dir, peaks_dir = Path(tmp, "hook"), Path(tmp, "peaks")
+        hook_dir.mkdir()
+        peaks_dir.mkdir()
+        (hook_dir / "sitecustomize.py").write_text(PEAK_HOOK)
+        recipe = [f"recipe.{k}={v}" for k, v in {**MEMORY_RECIPE, **model}.items()]
+        cmd = launcher_command() + [
+            "run", "configs/gpt.yaml", *(["--nproc", str(nproc)] if nproc > 1 else []), *recipe, *args,
+            f"run_dir={tmp}/run", "checkpoint.resume=never", "train.global_batch_size=4", "train.micro_batch_size=1",
+            "train.max_steps=2", "train.log_every_steps=1", "train.eval_every_steps=null", "train.grad_clip=null",
+            "optim.name=sgd", "optim.momentum=0", "optim.lr=0.01", "optim.impl=foreach", "schedule.warmup_steps=0", "precision=fp32",
+            "dist.timeout_s=1200"]
+        env = {**os.environ, "BENCH_PEAK_DIR": str(peaks_dir), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+               "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
+               "PYTHONPATH": os.pathsep.join([str(hook_dir), str(root), os.environ.get("PYTHONPATH", "")])}
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+        peaks = [int((peaks_dir / f"rank_{r}").read_text()) if (peaks_dir / f"rank_{r}").is_file() else None
+                 for r in range(nproc)]
+        found = SETUP_LINE.search(proc.stdout + proc.stderr)
+        setup = [float(v) for v in found.group(1).split()] if found else None
+        return {"peaks": peaks, "setup": setup, "code": proc.returncode, "tail": (proc.stdout + proc.stderr)[-3000:],
+                "losses": [float(v) for v in re.findall(r"\bloss=([\d.]+)", proc.stdout)]}
+
+
+def memory(args) -> None:
+    nproc = 4
+    weights = gpt_weights_bytes(BIG_GPT)
+    print(f"== memory: recipes.gpt {BIG_GPT} ({weights / 1e6:.0f} MB of fp32 weights) against {TINY_GPT}, "
+          f"--nproc {nproc}, SGD without momentum, 2 steps; peak resident set of each rank", flush=True)
+    for label, case in MEMORY_CASES.items():
+        if "zero" in label and not installed("deepspeed"):
+            print(f"  {label}: deepspeed is not installed")
+            continue
+        tiny, big = peak_memory(case, TINY_GPT, nproc), peak_memory(case, BIG_GPT, nproc)
+        for name, got in (("tiny", tiny), ("big", big)):
+            if got["code"] != 0 or None in got["peaks"]:
+                print(f"  {label} {name}: exit {got['code']}\n    " + got["tail"].replace("\n", "\n    "))
+        if tiny["code"] or big["code"] or None in tiny["peaks"] + big["peaks"]:
+            continue
+        growth = [(b - t) / weights for b, t in zip(big["peaks"], tiny["peaks"])]
+        print(f"  {label}: peak per rank, tiny {' '.join(f'{p / 2**30:.2f}' for p in tiny['peaks'])} GiB, "
+              f"large {' '.join(f'{p / 2**30:.2f}' for p in big['peaks'])} GiB")
+        print(f"  {label}: growth per rank in fp32 weights: {' '.join(f'{g:.2f}' for g in growth)} "
+              f"(rank 0 {growth[0]:.2f} x, ranks 1-{nproc - 1} at most {max(growth[1:]):.2f} x)")
+        if big["setup"] and tiny["setup"]:
+            setup = [(b - t) * 2**30 / weights for b, t in zip(big["setup"], tiny["setup"])]
+            print(f"  {label}: set-up peak growth per rank (the launcher's line): "
+                  f"{' '.join(f'{g:.2f}' for g in setup)} x")
+        print(f"  {label}: losses {big['losses']}", flush=True)
+    one = peak_memory(["strategy=single"], BIG_GPT, 1)  # the same 2 steps: 4 micro-batches of 1 a step
+    print(f"  1 process: losses {one['losses']} (exit {one['code']})", flush=True)
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -685,6 +788,7 @@ def main() -> None:
                         help="--startup: train.max_steps for each run (0: the config's own length)")
     parser.add_argument("--checkpoint", action="store_true", help="save (sync, async) and load times")
     parser.add_argument("--ckpt-dir", default=None, help="--checkpoint: where to write (default: the temp dir)")
+    parser.add_argument("--memory", action="store_true", help="peak memory per rank, fsdp and ZeRO-3 on 4 processes")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
@@ -699,6 +803,8 @@ def main() -> None:
         startup(args)
     elif args.checkpoint:
         checkpoint_times(args)
+    elif args.memory:
+        memory(args)
     elif args.profile:
         profile(args)
     else:

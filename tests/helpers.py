@@ -142,3 +142,44 @@ def deepspeed_full_state_dict(strategy) -> dict:
             value = (value.float() if value.is_floating_point() else value).cpu().clone()
         out[name] = value
     return out
+
+
+# ---------------------------------------------------------------- ranks of a test's own worker script
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(script: Path, args: list, nproc: int, log_dir: Path, timeout: float = 600) -> tuple[list, str]:
+    """`python SCRIPT ARGS` as ranks 0..nproc-1 of one job on the loopback (RANK, WORLD_SIZE, MASTER_*:
+    what the script's launcher.env.detect() reads), without a GPU. Returns (exit codes, the tails of each
+    rank's output) once all have ended, or killed them after `timeout` seconds."""
+    port, logs, procs = free_port(), [], []
+    for rank in range(nproc):
+        env = worker_env({"RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank),
+                          "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                          "CUDA_VISIBLE_DEVICES": ""})
+        log = open(log_dir / f"rank{rank}.log", "w")
+        logs.append(log)
+        procs.append(subprocess.Popen([sys.executable, str(script), *map(str, args)], cwd=ROOT, env=env,
+                                      stdout=log, stderr=subprocess.STDOUT))
+    try:
+        for proc in procs:
+            proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for log in logs:
+            log.close()
+    tails = "\n".join(f"--- rank {r} (exit {p.returncode}):\n{(log_dir / f'rank{r}.log').read_text()[-4000:]}"
+                      for r, p in enumerate(procs))
+    return [p.returncode for p in procs], tails

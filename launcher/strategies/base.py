@@ -55,9 +55,17 @@ class Strategy:
 
     # ------------------------------------------------------------ set-up
 
-    def setup(self, model: nn.Module, make_optimizer: OptimizerFactory):
+    @classmethod
+    def shards_parameters(cls, cfg, sizes) -> bool:
+        """Does this strategy split the parameters over the ranks? Then the trainer hands setup() the
+        model as a skeleton on the meta device, which setup fills (docs/design.md, Building the model)."""
+        return False
+
+    def setup(self, model: nn.Module, make_optimizer: OptimizerFactory, source=None):
         """Checkpoint and compile the units, wrap the model, then build the optimizer over the wrapped
-        parameters. make_optimizer returns (optimizer, schedule or None); setup returns the schedule."""
+        parameters. make_optimizer returns (optimizer, schedule or None); setup returns the schedule.
+        `model` is whole, with its initial weights; `source` (build.ModelSource) is what a strategy
+        that shards the parameters fills its skeleton from."""
         self.model = self.wrap(self.prepare(model.to(self.device)))
         self.optimizer, schedule = make_optimizer(self.model)
         return schedule
@@ -158,12 +166,19 @@ class Strategy:
         else:
             self.flag_nonfinite(found_inf)
         if self.skips_on_device:
-            self.optimizer.found_inf = found_inf  # read by the fused kernels' step (a float flag)
+            self.optimizer.found_inf = flag_where(found_inf, self.params_device)  # read by the fused kernels' step
             self.optimizer.step()
         elif not found_inf.item():  # the one host read a step of an optimizer that cannot skip on the device
             self.optimizer.step()
         self.zero_grad()
         return True
+
+    @property
+    def params_device(self) -> torch.device:
+        """Where the optimizer's kernels run: the parameters' device (the host under FSDP's cpu_offload)."""
+        if self._params is None:
+            self._params = list(self.model.parameters())
+        return local_tensor(self._params[0]).device if self._params else self.device
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -259,6 +274,14 @@ def only_parameters(model_state: dict, model: nn.Module) -> bool:
     held = {local_tensor(p).untyped_storage().data_ptr() for p in model.parameters()}
     return all(torch.is_tensor(v) and local_tensor(v).untyped_storage().data_ptr() in held
                for v in model_state.values())
+
+
+def flag_where(flag: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The non-finite flag on the device the optimizer steps on. Where that is another device (the host,
+    under FSDP's cpu_offload), a blocking copy: torch's fused step would copy it with non_blocking=True
+    and read it at once, before a copy from the GPU has landed, and so might apply a NaN update or skip
+    a good one."""
+    return flag if flag.device == device else flag.to(device)
 
 
 def nonfinite(norm: torch.Tensor) -> torch.Tensor:

@@ -57,6 +57,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..build import broadcast_buffers
 from ..env import ensure_process_group
 from ..fs import say
 from .base import OptimizerFactory, Strategy, nonfinite
@@ -98,8 +99,23 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
-def ds_config(cfg, plan, cuda: bool) -> dict:
-    """DeepSpeed's config from ours, then the user's JSON (deepspeed.config) merged over it.
+# ZeRO-3's buffers, in elements. DeepSpeed's defaults (a reduce bucket of 5e8, a reuse distance and a
+# sub-group of 1e9) are sized for models of many billions of parameters: under them a model of a few
+# hundred million keeps every gathered parameter until its backward and a whole flat copy of its
+# gradient partition at the step, on every rank. launcher sizes them from the model instead: its
+# largest parameter, at least ZERO3_BUCKET_FLOOR, and twice that live (a user's JSON still decides).
+ZERO3_BUCKET_FLOOR = 5_000_000
+ZERO3_BUCKETS = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_max_reuse_distance", "sub_group_size")
+
+
+def zero3_buffers(largest: int) -> dict:
+    size = max(largest, ZERO3_BUCKET_FLOOR)
+    return {**{key: size for key in ZERO3_BUCKETS}, "stage3_max_live_parameters": 2 * size}
+
+
+def ds_config(cfg, plan, cuda: bool, largest: int | None = None) -> dict:
+    """DeepSpeed's config from ours, then the user's JSON (deepspeed.config) merged over it. `largest`:
+    the model's largest parameter (elements), which sizes ZeRO-3's buffers where it is known.
 
     Raises ConfigError for combinations DeepSpeed or the launcher cannot run;
     DeepSpeedStrategy.check calls this before any worker starts.
@@ -115,6 +131,8 @@ def ds_config(cfg, plan, cuda: bool) -> dict:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cuda}
     if ds.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": cuda}
+    if ds.zero_stage == 3 and largest is not None:
+        zero.update(zero3_buffers(largest))
     config = {
         "train_batch_size": plan.global_batch,
         "train_micro_batch_size_per_gpu": plan.micro_batch,
@@ -160,6 +178,59 @@ def ds_config(cfg, plan, cuda: bool) -> dict:
     return config
 
 
+def zero_stage(config: dict) -> int:
+    return int(config["zero_optimization"].get("stage", 0))
+
+
+def model_dtype(config: dict) -> torch.dtype:
+    """The dtype ZeRO keeps the module's parameters in (its fp32 master copy aside)."""
+    if config.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    return torch.float16 if config.get("fp16", {}).get("enabled") else torch.float32
+
+
+def partition_from_one_copy(deepspeed, model: nn.Module, source, config: dict, device: torch.device) -> None:
+    """ZeRO-3's own conversion of a built module (what deepspeed.initialize does with zero.Init(module=...)),
+    for a skeleton on the meta device: one parameter at a time gets memory on the device, takes rank 0's
+    value (broadcast) and is split, so no device holds more than its partitions and one parameter.
+    Rank 0's values come from source.host_copy(): the one whole copy, in its host memory. Buffers are
+    not partitioned: each gets memory on the device and rank 0's value. Resuming, the checkpoint fills
+    what rank 0 has no copy of."""
+    from deepspeed.runtime.zero.partition_parameters import is_zero_param
+
+    dtype = model_dtype(config)
+    fill = source.needs_values(model)
+    whole = source.host_copy() if fill else None
+    values = dict(whole.named_parameters()) if whole is not None else {}
+    names = {id(p): name for name, p in model.named_parameters()}
+
+    class OneAtATime(deepspeed.zero.Init):
+        def _convert_to_zero_parameters(self, param_list):
+            for param in param_list:
+                if is_zero_param(param):
+                    continue
+                value = values.pop(names[id(param)], None)
+                data = (value.detach().to(self.local_device, dtype) if value is not None
+                        else torch.empty(param.shape, dtype=dtype, device=self.local_device))
+                # In place (a meta tensor cannot take .data of another device): tied modules keep one Parameter.
+                torch.utils.swap_tensors(param, nn.Parameter(data, requires_grad=param.requires_grad))
+                self._zero_init_param(param)  # broadcast from rank 0, then keep this rank's partition
+
+    if not hasattr(deepspeed.zero.Init, "_convert_to_zero_parameters"):
+        raise RuntimeError(f"DeepSpeed {deepspeed.__version__} has no zero.Init._convert_to_zero_parameters, "
+                           "which launcher's ZeRO-3 set-up relies on: install a DeepSpeed from 0.15 to 0.19")
+    # As deepspeed.initialize does first: DeepSpeed's comm layer over the process group launcher joined.
+    deepspeed.comm.init_distributed(dist_backend=deepspeed.accelerator.get_accelerator().communication_backend_name(),
+                                    dist_init_required=False)
+    OneAtATime(module=model, config_dict_or_path=config, dtype=dtype)
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.is_meta:
+                module._buffers[name] = torch.empty_like(buffer, device=device)
+    if fill:
+        broadcast_buffers(model, whole, device)
+
+
 class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
     skips_on_device = False  # the engine steps (and reads its overflow flag) itself
@@ -190,15 +261,27 @@ class DeepSpeedStrategy(Strategy):
 
     # ------------------------------------------------------------ set-up
 
-    def setup(self, model: nn.Module, make_optimizer: OptimizerFactory):
+    @classmethod
+    def shards_parameters(cls, cfg, sizes) -> bool:
+        return zero_stage(ds_config(cfg, sizes, cuda=False)) == 3
+
+    def setup(self, model: nn.Module, make_optimizer: OptimizerFactory, source=None):
         deepspeed = import_deepspeed()
         config = ds_config(self.cfg, self.sizes, cuda=self.device.type == "cuda")
-        self.zero_stage = int(config["zero_optimization"].get("stage", 0))
+        self.zero_stage = zero_stage(config)
         ensure_process_group(self.device)
-        for key, value in (("LOCAL_RANK", self.env.local_rank), ("RANK", self.env.rank),
+        # DeepSpeed sets its device from LOCAL_RANK: the index of the device this process uses.
+        local = self.device.index if self.device.type == "cuda" else self.env.local_rank
+        for key, value in (("LOCAL_RANK", local), ("RANK", self.env.rank),
                            ("WORLD_SIZE", self.env.world_size)):
             os.environ.setdefault(key, str(value))  # DeepSpeed reads these; a plain one-process run lacks them
-        model = self.prepare(model.to(self.device))  # activation checkpointing (compile is refused in ds_config)
+        if self.zero_stage == 3:  # a skeleton: partitioned one parameter at a time (docs/design.md, Building the model)
+            config = ds_config(self.cfg, self.sizes, cuda=self.device.type == "cuda",
+                               largest=max(p.numel() for p in model.parameters()))
+            model = self.prepare(model)  # activation checkpointing (compile is refused in ds_config)
+            partition_from_one_copy(deepspeed, model, source, config, self.device)
+        else:
+            model = self.prepare(model.to(self.device))
         optimizer, schedule = make_optimizer(model)  # over the plain module's parameters, before DeepSpeed wraps them
         if self.device.type == "cpu" and not shm_op_built() and self.env.is_main:
             say("DeepSpeed builds its CPU communication op (deepspeed_shm_comm) on its first run on this machine: "
@@ -272,8 +355,8 @@ class DeepSpeedStrategy(Strategy):
         applied = bool(self.engine.was_step_applied())
         if self._norm is not None:
             ds_norm = self.engine.get_global_grad_norm()  # None: compute_grad_norm=false in the user's JSON
-            if ds_norm is not None:
-                self._norm.copy_(torch.as_tensor(ds_norm, dtype=torch.float32).reshape(()))
+            if ds_norm is not None:  # a Python number, or a tensor on the device
+                self._norm.copy_(ds_norm) if torch.is_tensor(ds_norm) else self._norm.fill_(float(ds_norm))
             self._norm = None
         if self.precision.name == "fp16":
             return applied

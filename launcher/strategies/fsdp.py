@@ -67,6 +67,19 @@ class FSDPStrategy(Strategy):
         if cfg.fsdp.replicate != "nodes" or local_world_size is not None:
             replica_groups(cfg.fsdp.replicate, world_size, local_world_size or world_size)
 
+    @classmethod
+    def shards_parameters(cls, cfg, sizes) -> bool:
+        return True
+
+    def setup(self, model: nn.Module, make_optimizer, source=None):
+        """Shard the skeleton, then give each rank's shards memory and their initial values (no process
+        but rank 0 ever holds the whole model, and that only in host memory; with the recipe's
+        init_weights, none does). With cpu_offload the shards live on the host."""
+        self.model = self.wrap(self.prepare(model))
+        source.fill(self.model, params_on=torch.device("cpu") if self.cfg.fsdp.cpu_offload else None)
+        self.optimizer, schedule = make_optimizer(self.model)
+        return schedule
+
     def wrap(self, model: nn.Module) -> nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
