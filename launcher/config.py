@@ -67,8 +67,8 @@ class OptimConfig(Section):
     betas: tuple[float, float] = Field((0.9, 0.999), description="adam / adamw")
     eps: float = Field(1e-8, gt=0, description="adam / adamw")
     impl: Literal["auto", "foreach", "fused", "for_loop"] = Field(
-        "auto", description="auto: fused where torch has the kernel (a non-finite step is then skipped on the "
-        "device), else foreach")
+        "auto", description="auto: fused where torch's kernel can step the parameters (a non-finite step is then "
+        "skipped on the device; SGD under FSDP gets foreach: torch has no DTensor rule for it), else foreach")
 
 
 class ScheduleConfig(Section):

@@ -21,6 +21,12 @@ The checks, in the order they run:
   ddp, fsdp       (d) strategy=ddp and strategy=fsdp over NCCL on one rank (`launcher run --nproc 1`)
   fsdp_offload    (h) fused AdamW with fsdp.cpu_offload
   zero2           (i) DeepSpeed ZeRO-2, where deepspeed can be imported
+  sync_debug      (k) torch.cuda.set_sync_debug_mode("warn") over the steps of single, ddp, fsdp (fused AdamW),
+                      fsdp with cpu_offload and ZeRO-2, in this process: a step that logs nothing may not
+                      synchronise, except where the strategy must read its flag (offload: one copy; ZeRO)
+  offload_nan     (l) fsdp.cpu_offload with fused AdamW and a NaN loss at one step: that step is skipped
+                      exactly (weights and optimizer state as before it) and the run goes on
+  setup_memory    (m) the set-up peak CUDA memory of the 350M model under fsdp against `launcher plan`
 
 Figures come from what launcher writes (RUN_DIR/metrics.jsonl rows: loss, tokens_per_s, mfu,
 step_time, mem_max_allocated_gib) or are measured around a call. A row's rates cover the
@@ -87,6 +93,7 @@ class Size:
 GPT_350M = dict(n_layer=24, n_head=16, d_model=1024, seq_len=1024, vocab_size=50304)  # 354M parameters
 GPT_124M = dict(n_layer=12, n_head=12, d_model=768, seq_len=1024, vocab_size=50304)  # 124M
 TINY = dict(n_layer=2, n_head=2, d_model=32, seq_len=32, vocab_size=512)  # 27k
+GPT_SMALL = dict(n_layer=4, n_head=4, d_model=256, seq_len=256, vocab_size=50304)  # 16M: behaviour, not speed
 
 # One row a check. The GPU rows are sized for about 6 minutes on one H100/H200, most of it
 # start-up, compiling and checkpoint writes (a 350M model's checkpoint is 4.2 GB).
@@ -103,6 +110,9 @@ SIZES = {
         "fsdp": Size(GPT_124M, batch=16, steps=20, log_every=10, lr=3e-4),
         "fsdp_offload": Size(GPT_124M, batch=16, steps=10, log_every=5, lr=3e-4),
         "zero2": Size(GPT_124M, batch=16, steps=20, log_every=10, lr=3e-4),
+        "sync_debug": Size(GPT_SMALL, batch=8, steps=8, log_every=4, lr=3e-4),
+        "offload_nan": Size(GPT_SMALL, batch=8, steps=6, log_every=1, lr=3e-4),
+        "setup_memory": Size(GPT_350M, batch=8, steps=2, log_every=1, lr=3e-4),
     },
     "smoke": {  # the same runs at a size the CPU trains in a second or two
         "bf16": Size(TINY, batch=8, steps=6, log_every=2, lr=3e-3),
@@ -116,9 +126,12 @@ SIZES = {
         "fsdp": Size(TINY, batch=8, steps=6, log_every=2, lr=3e-3),
         "fsdp_offload": Size(TINY, batch=8, steps=6, log_every=2, lr=3e-3),
         "zero2": Size(TINY, batch=8, steps=6, log_every=2, lr=3e-3),
+        "sync_debug": Size(TINY, batch=8, steps=8, log_every=4, lr=3e-3),
+        "offload_nan": Size(TINY, batch=8, steps=6, log_every=1, lr=3e-3),
+        "setup_memory": Size(TINY, batch=8, steps=2, log_every=1, lr=3e-3),
     },
 }
-BUDGET_S = {"gpu": 420, "smoke": 170}  # no check starts after this; subprocesses stop a minute later
+BUDGET_S = {"gpu": 450, "smoke": 200}  # no check starts after this; subprocesses stop a minute later
 SUBPROCESS_CAP_S = {"gpu": 240, "smoke": 150}  # one `launcher run`, at most
 # Launcher and the loop against each other: the same math, so the same losses up to the
 # GPU's non-deterministic kernels (attention's backward); on the CPU exactly.
@@ -223,9 +236,9 @@ class Context:
         }, sort_keys=False))
         return path, run_dir, list(overrides)
 
-    def fit(self, name: str, size: Size, overrides: list[str] = (), inspect=None) -> list[dict]:
-        """Train in this process through launcher's Trainer; its train rows. inspect(trainer) runs
-        after fit(), before the trainer is released."""
+    def fit(self, name: str, size: Size, overrides: list[str] = (), inspect=None, built=None) -> list[dict]:
+        """Train in this process through launcher's Trainer; its train rows. built(trainer) runs once it
+        is built, before fit(); inspect(trainer) after fit(), before the trainer is released."""
         from launcher.config import load_config
         from launcher.env import DistEnv
         from launcher.trainer import Trainer
@@ -237,6 +250,8 @@ class Context:
         with open(log, "w") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
             trainer = Trainer(cfg, DistEnv("single"), self.device)
             try:
+                if built is not None:
+                    built(trainer)
                 trainer.fit()
                 if inspect is not None:
                     inspect(trainer)
@@ -623,6 +638,138 @@ def check_zero2(ctx: Context) -> dict:
     return launched(ctx, "zero2", ["strategy=deepspeed", "deepspeed.zero_stage=2"])
 
 
+@contextlib.contextmanager
+def syncs_per_step(ctx: Context, counts: dict):
+    """counts[step] = the synchronising CUDA calls inside that optimizer step (StepRunner.train_step),
+    from torch.cuda.set_sync_debug_mode("warn"); on the CPU nothing synchronises, so none are counted."""
+    import warnings
+
+    from launcher.step import StepRunner
+
+    original = StepRunner.train_step
+
+    def counted(self, batches, window):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = original(self, batches, window)
+        counts[self.state.step + 1] = sum("synchroniz" in str(w.message) for w in caught)
+        return out
+
+    StepRunner.train_step = counted
+    if ctx.cuda:
+        torch.cuda.set_sync_debug_mode("warn")
+    try:
+        yield
+    finally:
+        StepRunner.train_step = original
+        if ctx.cuda:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+SYNC_CASES = {  # strategy overrides: the syncs a step that logs nothing may make (its flag read on the host)
+    "single": ([], 0),
+    "ddp": (["strategy=ddp"], 0),
+    "fsdp": (["strategy=fsdp"], 0),
+    "fsdp_offload": (["strategy=fsdp", "fsdp.cpu_offload=true"], None),  # its flag's copy to the host, and FSDP's
+    "zero2": (["strategy=deepspeed", "deepspeed.zero_stage=2"], None),  # DeepSpeed's step syncs itself
+}
+
+
+def check_sync_debug(ctx: Context) -> dict:
+    """The design's rule (docs/design.md, Host syncs): a step that neither logs, evaluates nor saves never
+    waits for the device. Steps 2.. that log nothing are counted (step 1 includes the first kernels'
+    set-up); each strategy may make at most the syncs SYNC_CASES allows."""
+    size, figures = ctx.sizes["sync_debug"], {}
+    for name, (overrides, allowed) in SYNC_CASES.items():
+        if name == "zero2" and importlib.util.find_spec("deepspeed") is None:
+            figures["zero2"] = "deepspeed not installed"
+            continue
+        counts: dict[int, int] = {}
+        with part(f"the {name} run", figures), syncs_per_step(ctx, counts):
+            ctx.fit(f"sync_{name}", size, [*overrides, "optim.impl=fused"])
+        ctx.cleanup(f"sync_{name}")
+        quiet = [counts[k] for k in sorted(counts) if k > 1 and k % size.log_every]
+        figures[f"{name}_syncs"] = max(quiet, default=0)
+        if allowed is not None:
+            expect(max(quiet, default=0) <= allowed, f"{name}: a step that logs nothing synchronised "
+                   f"{max(quiet)} time(s) (at most {allowed}): steps {counts}", figures)
+    figures["mode"] = "set_sync_debug_mode(warn)" if ctx.cuda else "the CPU: nothing synchronises"
+    return figures
+
+
+def check_offload_nan(ctx: Context) -> dict:
+    """A NaN loss at step k under fsdp.cpu_offload with fused AdamW (the flag copied from the GPU to the
+    host kernel): step k changes neither the weights nor the optimizer state, and the run goes on."""
+    from launcher.step import StepRunner
+
+    size, k = ctx.sizes["offload_nan"], 3
+    states: dict[int, tuple] = {}
+    original_step, original_micro = StepRunner.train_step, StepRunner.micro_step
+
+    def snapshot(strategy) -> tuple:
+        local = lambda t: (t.to_local() if hasattr(t, "to_local") else t).detach().cpu().clone()  # noqa: E731
+        params = [local(p) for p in strategy.model.parameters()]
+        optim = [local(v) for st in strategy.optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+        return params, optim
+
+    def train_step(self, batches, window):
+        out = original_step(self, batches, window)
+        if self.state.step + 1 in (k - 1, k):
+            states[self.state.step + 1] = snapshot(self.strategy)
+        return out
+
+    def micro_step(self, batch, batch_idx, step, j, pair):
+        out, pair = original_micro(self, batch, batch_idx, step, j, pair)
+        if step + 1 == k and j == 0:  # a NaN in the graph already backpropagated: poison the gradients
+            for p in self.strategy.model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(float("nan"))
+        return out, pair
+
+    StepRunner.train_step, StepRunner.micro_step = train_step, micro_step
+    try:
+        rows = ctx.fit("offload_nan", size, ["strategy=fsdp", "fsdp.cpu_offload=true", "optim.impl=fused",
+                                             "train.on_nonfinite=skip"])
+    finally:
+        StepRunner.train_step, StepRunner.micro_step = original_step, original_micro
+        ctx.cleanup("offload_nan")
+    figures = trained(rows, {"skipped_steps": rows[-1].get("skipped_steps", 0)})
+    (params_before, optim_before), (params_after, optim_after) = states[k - 1], states[k]
+    figures["weights_kept"] = all(torch.equal(a, b) for a, b in zip(params_before, params_after))
+    figures["optim_state_kept"] = all(torch.equal(a, b) for a, b in zip(optim_before, optim_after))
+    expect(figures["skipped_steps"] == 1, f"{figures['skipped_steps']} step(s) skipped, not 1", figures)
+    expect(figures["weights_kept"] and figures["optim_state_kept"], f"the NaN step {k} changed the weights or "
+           "the optimizer state", figures)
+    return figures
+
+
+def check_setup_memory(ctx: Context) -> dict:
+    """What building the 350M model under fsdp allocates on the GPU (the recipe's init_weights initialises
+    it there, one whole parameter at a time beside the shards), against `launcher plan`'s set-up peak."""
+    from launcher.config import load_config
+    from launcher.plan import setup, setup_peak
+    from launcher.recipe import Recipe
+
+    size = ctx.sizes["setup_memory"]
+    path, _, overrides = ctx.config("setup_memory", size, ["strategy=fsdp"])
+    cfg = load_config(path, overrides)
+    peaks, _ = setup_peak(setup(cfg, Recipe.load(cfg.recipe), 1), "fsdp", init_weights=True)
+    gib = 1024**3
+    figures = {"plan_setup_gib": peaks[0].device / gib}
+    if not ctx.cuda:
+        raise Skip("no CUDA memory figures on the CPU", figures)
+    ctx.free()
+    before = torch.cuda.memory_allocated(ctx.device)
+    held = {}
+    ctx.fit("setup_memory", size, overrides,
+            built=lambda trainer: held.update(peak=torch.cuda.max_memory_allocated(ctx.device) - before))
+    ctx.cleanup("setup_memory")
+    figures["setup_peak_gib"] = held["peak"] / gib
+    figures["measured_vs_plan"] = figures["setup_peak_gib"] / figures["plan_setup_gib"]
+    expect(abs(figures["measured_vs_plan"] - 1) < 0.1, "the set-up peak is not what the plan says", figures)
+    return figures
+
+
 CHECKS = {
     "bf16": check_bf16,
     "compile": check_compile,
@@ -635,6 +782,9 @@ CHECKS = {
     "fsdp": check_fsdp,
     "fsdp_offload": check_fsdp_offload,
     "zero2": check_zero2,
+    "sync_debug": check_sync_debug,
+    "offload_nan": check_offload_nan,
+    "setup_memory": check_setup_memory,
 }
 
 

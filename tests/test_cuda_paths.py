@@ -360,3 +360,42 @@ def test_peak_flops_by_device_name(monkeypatch, name, bf16, fp32):
     assert rows.peak_flops(CUDA0, "fp16") == bf16
     assert rows.peak_flops(CUDA0, "fp32") == fp32
     assert rows.peak_flops(torch.device("cpu"), "bf16") is None
+
+
+# ---------------------------------------------------------------- fsdp.cpu_offload with a fused optimizer
+
+
+def test_a_fused_step_on_the_host_gets_the_gpu_flag_by_a_blocking_copy():
+    """Under FSDP's cpu_offload the fused optimizer steps on the host while the non-finite flag lives on
+    the GPU; torch's fused step copies it with non_blocking=True and reads it at once. The strategy hands
+    it a host copy made by a blocking copy instead, and leaves a flag already where the kernels run."""
+    from launcher.strategies.base import flag_where
+
+    copies = []
+
+    class GpuFlag:
+        device = torch.device("cuda", 0)
+
+        def to(self, device, non_blocking=False):
+            copies.append((torch.device(device), non_blocking))
+            return torch.zeros(())
+
+    assert flag_where(GpuFlag(), torch.device("cpu")).device.type == "cpu"
+    assert copies == [(torch.device("cpu"), False)]
+    same = torch.zeros(())
+    assert flag_where(same, torch.device("cpu")) is same
+
+
+def test_the_optimizer_gets_its_flag_on_the_parameters_device(monkeypatch):
+    from launcher.precision import Precision
+    from launcher.strategies import base
+    from launcher.strategies.single import SingleStrategy
+
+    seen = []
+    monkeypatch.setattr(base, "flag_where", lambda flag, device: seen.append(device) or flag)
+    strategy = SingleStrategy(None, DistEnv("single"), torch.device("cpu"), Precision("fp32", torch.device("cpu")))
+    strategy.model = torch.nn.Linear(2, 2)
+    strategy.optimizer = torch.optim.Adam(strategy.model.parameters(), fused=True)
+    strategy.model(torch.ones(1, 2)).sum().backward()
+    strategy.step(torch.zeros(()))
+    assert seen == [torch.device("cpu")]

@@ -14,15 +14,15 @@ import pytest
 from helpers import ROOT, worker_env
 
 CHECKS = ["bf16", "compile", "fp16", "activation_ckpt", "plan_memory", "async_ckpt", "export", "ddp", "fsdp",
-          "fsdp_offload", "zero2"]
-NEED_CUDA = {"plan_memory"}  # compares CUDA's allocator with the plan: nothing to compare on the CPU
+          "fsdp_offload", "zero2", "sync_debug", "offload_nan", "setup_memory"]
+NEED_CUDA = {"plan_memory", "setup_memory"}  # compare CUDA's allocator with the plan: nothing to compare on the CPU
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check") / "smoke.json"
     proc = subprocess.run([sys.executable, "scripts/gpu_check.py", "--smoke", "--out", str(out)], cwd=ROOT,
-                          env=worker_env(), capture_output=True, text=True, timeout=400)
+                          env=worker_env(), capture_output=True, text=True, timeout=480)
     return proc, (json.loads(out.read_text()) if out.is_file() else None)
 
 
@@ -59,3 +59,7 @@ def test_smoke_figures_are_sane(smoke):
     assert checks["export"]["tensors"] > 0 and checks["export"]["file_mb"] > 0  # strict load passed
     assert {checks[n]["backend"] for n in ("ddp", "fsdp", "fsdp_offload")} == {"gloo"}
     assert report["checks"]["plan_memory"]["figures"]["plan_total_gib"] > 0
+    assert report["checks"]["setup_memory"]["figures"]["plan_setup_gib"] > 0
+    nan = checks["offload_nan"]  # the poisoned step skipped exactly, the run went on
+    assert nan["skipped_steps"] == 1 and nan["weights_kept"] and nan["optim_state_kept"], nan
+    assert {k for k in checks["sync_debug"] if k.endswith("_syncs")} >= {"single_syncs", "ddp_syncs", "fsdp_syncs"}

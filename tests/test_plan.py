@@ -213,3 +213,29 @@ def test_cli_bad_world_size_exits_2(tmp_path):
     assert "train.global_batch_size=16 cannot be split evenly over 3 processes" in proc.stderr
     proc = run(["plan", config, "--nproc", 0])
     assert proc.returncode == 2 and "--nproc 0" in proc.stderr
+
+
+def test_setup_peak_per_rank(tmp_path):
+    """Building the model (docs/design.md, Building the model): sharded, rank 0 alone holds the whole model
+    (in host memory), the others their shards and one whole parameter; with init_weights (FSDP) no rank
+    holds it; resuming, none; ZeRO-3 then holds three partitions at once; replicated, every rank all."""
+    from launcher.config import validate
+    from launcher.plan import setup, setup_peak
+    from launcher.recipe import Recipe
+
+    def peaks(strategy, recipe, **kwargs):
+        cfg = validate(job_config(strategy, recipe, tmp_path), "test")
+        return setup_peak(setup(cfg, Recipe.load(cfg.recipe), 2), strategy, **kwargs)[0]
+
+    cfg = validate(job_config("fsdp", "tied", tmp_path), "test")
+    s = setup(cfg, Recipe.load(cfg.recipe), 2)
+    whole = sum(p.numel * p.itemsize for p in s.model.params)
+    largest = max(p.numel * p.itemsize for p in s.model.params)
+    fsdp = peaks("fsdp", "tied", init_weights=False)
+    assert fsdp[0].host == whole and fsdp[1].host == 0
+    assert fsdp[1].device <= whole // 2 + largest + 4 * 31  # a shard (rows rounded up) and one parameter
+    assert peaks("fsdp", "tied", init_weights=True)[0].host == 0
+    assert peaks("fsdp", "tied", init_weights=False, resuming=True)[0].host == 0
+    zero3 = peaks("zero3", "tied", init_weights=False)
+    assert zero3[0].host == whole and zero3[1].host == 0 and zero3[1].device >= 3 * (whole // 2)
+    assert all(p.host == whole for p in peaks("ddp", "tied", init_weights=False))
