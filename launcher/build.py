@@ -104,6 +104,7 @@ class ModelSource:
             if self.init_weights is None:
                 torch.manual_seed(self.seed)
                 whole = self.recipe.build_model()
+                self.recipe.check_trainable(whole)  # a model() that returns meta tensors has no values to give
             else:
                 whole = to_empty(self.skeleton(), torch.device("cpu"))
                 self.initialise(whole)

@@ -419,7 +419,7 @@ def plain_loop(ctx: Context, size: Size, compile: bool = False) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         totals.append(total.detach())
-        counts.append(count.float())
+        counts.append(torch.as_tensor(count, dtype=torch.float32))  # a host int (recipes.gpt): summed on the host
     sync()
     seconds = time.perf_counter() - start
     tokens = (size.steps - size.log_every) * size.batch * size.model["seq_len"]
