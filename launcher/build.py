@@ -110,8 +110,7 @@ class ModelSource:
                 self.initialise(whole)
         if dist.is_initialized() and dist.get_world_size() > 1:
             state = torch.get_rng_state()
-            dist.broadcast(state.to(rng_device()), src=0)
-            torch.set_rng_state(state.cpu())
+            torch.set_rng_state(broadcast_from_rank0(state).cpu())
         return whole
 
 
@@ -126,10 +125,13 @@ def to_empty(model: nn.Module, device: torch.device) -> nn.Module:
         torch.__future__.set_swap_module_params_on_conversion(before)
 
 
-def rng_device() -> torch.device:
-    """Where the default group broadcasts a host tensor: NCCL needs it on the GPU."""
-    backend = dist.get_backend()
-    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+def broadcast_from_rank0(t: torch.Tensor) -> torch.Tensor:
+    """Rank 0's value of `t` (in place where the default group has a backend for its device, as
+    launcher's groups do: gloo on the CPU, NCCL beside gloo with CUDA; else through this GPU)."""
+    types = {d.type for d in dist.distributed_c10d._get_default_group()._device_types}
+    on = t if t.device.type in types else t.to(torch.device("cuda", torch.cuda.current_device()))
+    dist.broadcast(on, src=0)
+    return on
 
 
 def has_non_persistent_buffers(model: nn.Module) -> bool:
@@ -148,8 +150,7 @@ def broadcast_buffers(model: nn.Module, source: nn.Module | None, device: torch.
             if key in values:
                 buffer.copy_(values[key])
             if dist.is_initialized() and dist.get_world_size() > 1:
-                on = buffer if dist.get_backend() != "nccl" or buffer.is_cuda else buffer.to(rng_device())
-                dist.broadcast(on, src=0)
+                on = broadcast_from_rank0(buffer)
                 if on is not buffer:
                     buffer.copy_(on)
 
@@ -167,7 +168,7 @@ class FullDraws(TorchDispatchMode):
         target = args[0] if args else None
         if is_dtensor(target) and not target.is_meta:
             if func.overloadpacket in RANDOM_FILLS:
-                whole = torch.empty(target.shape, dtype=target.dtype, device=target.to_local().device)
+                whole = torch.empty(target.shape, dtype=target.dtype, device=local_part(target).device)
                 func(whole, *args[1:], **kwargs)
                 local_part(target).copy_(whole[shard_slices(target)])
                 return target

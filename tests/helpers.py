@@ -25,9 +25,54 @@ def worker_env(extra: dict | None = None) -> dict:
 
 def run(args: list[str], cwd: Path = ROOT, env: dict | None = None, timeout: float = 300,
         prefix: list[str] | None = None) -> subprocess.CompletedProcess:
-    """`python -m launcher ARGS` (or PREFIX ARGS), output captured."""
+    """`python -m launcher ARGS` (or PREFIX ARGS), output captured. Without a prefix the command runs in a
+    child forked from tests/zygote.py, which has torch and launcher imported already: a process of its own
+    (pid, environment, working directory, output, exit code) without the start-up. LAUNCHER_TESTS_ZYGOTE=0
+    starts a fresh interpreter for every command instead; so does a PYTHONPATH with a sitecustomize.py
+    (what runs at an interpreter's start cannot run in a fork)."""
     cmd = (prefix or [sys.executable, "-m", "launcher"]) + [str(a) for a in args]
-    return subprocess.run(cmd, cwd=cwd, env=worker_env(env), capture_output=True, text=True, timeout=timeout)
+    env = worker_env(env)
+    if prefix is not None or os.environ.get("LAUNCHER_TESTS_ZYGOTE") == "0" or starts_with_sitecustomize(env):
+        return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return Zygote.get().run(cmd, [str(a) for a in args], cwd, env, timeout)
+
+
+def starts_with_sitecustomize(env: dict) -> bool:
+    return any(Path(p, "sitecustomize.py").is_file() for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)
+
+
+class Zygote:
+    """The tests' fork server (tests/zygote.py), one per test process, started at its first command."""
+
+    _running: "Zygote | None" = None
+
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("zygote.py"))], cwd=ROOT,
+                                     env=worker_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        ready = self.proc.stdout.readline()
+        if "ready" not in ready:
+            raise RuntimeError(f"tests/zygote.py did not start (exit {self.proc.wait()})")
+
+    @classmethod
+    def get(cls) -> "Zygote":
+        if cls._running is None or cls._running.proc.poll() is not None:
+            cls._running = cls()
+        return cls._running
+
+    def run(self, cmd: list[str], argv: list[str], cwd, env: dict, timeout: float) -> subprocess.CompletedProcess:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="zygote_") as tmp:
+            out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
+            request = {"argv": argv, "env": env, "cwd": str(cwd), "out": str(out), "err": str(err),
+                       "timeout": timeout}
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+            answer = json.loads(self.proc.stdout.readline())
+            stdout, stderr = (p.read_text(errors="replace") if p.exists() else "" for p in (out, err))
+        if answer["timed_out"]:
+            raise subprocess.TimeoutExpired(cmd, timeout, stdout, stderr)
+        return subprocess.CompletedProcess(cmd, answer["code"], stdout, stderr)
 
 
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -183,3 +228,25 @@ def run_ranks(script: Path, args: list, nproc: int, log_dir: Path, timeout: floa
     tails = "\n".join(f"--- rank {r} (exit {p.returncode}):\n{(log_dir / f'rank{r}.log').read_text()[-4000:]}"
                       for r, p in enumerate(procs))
     return [p.returncode for p in procs], tails
+
+
+# ---------------------------------------------------------------- runs several tests compare with
+
+
+class References:
+    """Runs that several tests only read (their losses, checkpoints, exported weights), each trained once
+    per test session on first use: the key is the config without its run_dir, and the command's extra
+    arguments (--nproc 2). A test that changes a run's files trains its own."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.done: dict[str, Path] = {}
+
+    def get(self, config: dict, extra: list = ()) -> Path:
+        key = json.dumps({k: v for k, v in config.items() if k != "run_dir"}, sort_keys=True) + repr(list(extra))
+        if key not in self.done:
+            name = f"ref{len(self.done)}"
+            cfg = write_config(self.root / f"{name}.yaml", {**config, "run_dir": str(self.root / name)})
+            check(run(["run", cfg, *extra]))
+            self.done[key] = self.root / name
+        return self.done[key]

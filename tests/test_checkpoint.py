@@ -26,12 +26,16 @@ pytestmark = pytest.mark.slow  # multi-process: the full suite, not the fast tie
 STEPS = 30
 
 
-def config(tmp_path, name, **sections):
+def settings(tmp_path, name, **sections) -> dict:
     base = digits_config(tmp_path / name, train={"global_batch_size": 64, "micro_batch_size": 32, "max_steps": STEPS},
                          checkpoint={"every_steps": 11, "keep_last": 5})
     for key, value in sections.items():
         base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
-    return write_config(tmp_path / f"{name}.yaml", base)
+    return base
+
+
+def config(tmp_path, name, **sections) -> Path:
+    return write_config(tmp_path / f"{name}.yaml", settings(tmp_path, name, **sections))
 
 
 def weights(run_dir: Path, tmp_path: Path, step=None) -> dict:
@@ -65,14 +69,14 @@ def start_from_checkpoint(src_run: Path, step: int, dst_run: Path) -> None:
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_resume_mid_epoch_is_exact(tmp_path, nproc):
+def test_resume_mid_epoch_is_exact(tmp_path, references, nproc):
     extra = ["--nproc", 2] if nproc == 2 else []
-    check(run(["run", config(tmp_path, "full")] + extra))
-    start_from_checkpoint(tmp_path / "full", 11, tmp_path / "resumed")
+    full = references.get(settings(tmp_path, "full"), extra)
+    start_from_checkpoint(full, 11, tmp_path / "resumed")
     proc = check(run(["run", config(tmp_path, "resumed")] + extra))
     assert "resumed from" in proc.stderr and "step 11" in proc.stderr
-    assert by_step(tmp_path / "resumed") == by_step(tmp_path / "full")  # every step, bit for bit
-    assert_same_weights(weights(tmp_path / "resumed", tmp_path), weights(tmp_path / "full", tmp_path))
+    assert by_step(tmp_path / "resumed") == by_step(full)  # every step, bit for bit
+    assert_same_weights(weights(tmp_path / "resumed", tmp_path), weights(full, tmp_path))
 
 
 def test_layout_latest_and_keep_last(tmp_path):
@@ -114,42 +118,42 @@ def test_resume_never_and_explicit_path(tmp_path):
     assert bad.returncode == 2 and "checkpoint.resume" in bad.stderr
 
 
-def test_async_save_resumes_exactly(tmp_path):
-    check(run(["run", config(tmp_path, "sync")]))
+def test_async_save_resumes_exactly(tmp_path, references):
+    sync = references.get(settings(tmp_path, "full"))
     check(run(["run", config(tmp_path, "async", checkpoint={"async": True})]))
     assert (tmp_path / "async" / "checkpoints" / "latest").read_text() == "step_000030"
     start_from_checkpoint(tmp_path / "async", 22, tmp_path / "resumed")
     check(run(["run", config(tmp_path, "resumed", checkpoint={"async": True})]))
-    assert by_step(tmp_path / "resumed") == by_step(tmp_path / "sync")
-    assert_same_weights(weights(tmp_path / "resumed", tmp_path), weights(tmp_path / "sync", tmp_path))
+    assert by_step(tmp_path / "resumed") == by_step(sync)
+    assert_same_weights(weights(tmp_path / "resumed", tmp_path), weights(sync, tmp_path))
 
 
 @pytest.mark.parametrize("saved_on, resumed_on", [(2, 1), (1, 2)])
-def test_resume_at_another_world_size(tmp_path, saved_on, resumed_on):
+def test_resume_at_another_world_size(tmp_path, references, saved_on, resumed_on):
     """The data order continues exactly (step k is the same samples at any world size),
     so the losses match the uninterrupted run up to float reduction order."""
     nproc = lambda n: ["--nproc", 2] if n == 2 else []  # noqa: E731
-    check(run(["run", config(tmp_path, "full")] + nproc(saved_on)))
-    start_from_checkpoint(tmp_path / "full", 11, tmp_path / "resumed")
+    full_dir = references.get(settings(tmp_path, "full"), nproc(saved_on))
+    start_from_checkpoint(full_dir, 11, tmp_path / "resumed")
     check(run(["run", config(tmp_path, "resumed")] + nproc(resumed_on)))
-    full, resumed = by_step(tmp_path / "full"), by_step(tmp_path / "resumed")
+    full, resumed = by_step(full_dir), by_step(tmp_path / "resumed")
     assert resumed.keys() == full.keys()
     assert [resumed[s] for s in full] == pytest.approx([full[s] for s in full], rel=1e-5)
-    a, b = weights(tmp_path / "resumed", tmp_path), weights(tmp_path / "full", tmp_path)
+    a, b = weights(tmp_path / "resumed", tmp_path), weights(full_dir, tmp_path)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
 
 
-def test_export_loads_strictly_and_picks_steps(tmp_path):
-    check(run(["run", config(tmp_path, "run")]))
+def test_export_loads_strictly_and_picks_steps(tmp_path, references):
+    trained = references.get(settings(tmp_path, "full"))
     out = tmp_path / "w.safetensors"
-    check(run(["export", tmp_path / "run", out, "--step", 22]))
+    check(run(["export", trained, out, "--step", 22]))
     from recipes import digits
 
     model = digits.model(digits.Config(hidden=32))
     model.load_state_dict(load_file(str(out)), strict=True)
-    assert not torch.equal(load_file(str(out))["0.weight"], weights(tmp_path / "run", tmp_path)["0.weight"])
-    missing = run(["export", tmp_path / "run", out, "--step", 5])
+    assert not torch.equal(load_file(str(out))["0.weight"], weights(trained, tmp_path)["0.weight"])
+    missing = run(["export", trained, out, "--step", 5])
     assert missing.returncode == 2 and "steps saved: 11, 22, 30" in missing.stderr
 
 
@@ -188,13 +192,13 @@ SLOW = {"name": "toy_recipes.slow", "hidden": 32, "delay_s": 0.03}
 @pytest.mark.parametrize("sig, nproc, target, log_every", [
     (signal.SIGTERM, 1, "process", 1), (signal.SIGUSR1, 2, "workers", 1), (signal.SIGUSR1, 2, "launcher", 1),
     (signal.SIGUSR1, 2, "workers", 4)])
-def test_stop_signal_checkpoints_at_the_next_step_and_exits_3(tmp_path, sig, nproc, target, log_every):
+def test_stop_signal_checkpoints_at_the_next_step_and_exits_3(tmp_path, references, sig, nproc, target, log_every):
     """The signal to the workers (as SLURM sends it to every task) or to the launcher that
     started them with --nproc (which passes it on). One process stops at the next step; several
     agree at the next row (the flag travels with the row's all-reduce: no sync on other steps)."""
     extra = ["--nproc", 2] if nproc == 2 else []
     train = {"log_every_steps": log_every}
-    check(run(["run", config(tmp_path, "full", recipe=SLOW, train=train)] + extra))
+    full = references.get(settings(tmp_path, "full", recipe=SLOW, train=train), extra)
     proc = start(["run", config(tmp_path, "stopped", recipe=SLOW, train=train), *extra])
     wait_for_step(tmp_path / "stopped", 5, proc)
     targets = children(proc.pid) if target == "workers" else [proc.pid]
@@ -208,18 +212,18 @@ def test_stop_signal_checkpoints_at_the_next_step_and_exits_3(tmp_path, sig, npr
     assert max(by_step(tmp_path / "stopped")) <= stopped_at + 1
     # Running the same command again resumes and ends exactly where the uninterrupted run did.
     check(run(["run", config(tmp_path, "stopped", recipe=SLOW, train=train)] + extra))
-    assert by_step(tmp_path / "stopped") == by_step(tmp_path / "full")
-    assert_same_weights(weights(tmp_path / "stopped", tmp_path), weights(tmp_path / "full", tmp_path))
+    assert by_step(tmp_path / "stopped") == by_step(full)
+    assert_same_weights(weights(tmp_path / "stopped", tmp_path), weights(full, tmp_path))
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_ctrl_c_saves_at_the_next_step_and_a_rerun_continues_exactly(tmp_path, nproc):
+def test_ctrl_c_saves_at_the_next_step_and_a_rerun_continues_exactly(tmp_path, references, nproc):
     """Ctrl-C is SIGINT to the terminal's foreground process group: here the whole group of the
     command. It stops the run at the next step it can, after saving, with exit 3 and a message that
     names what the disk holds; the same command then logs every step once and ends as an
     uninterrupted run does."""
     extra = ["--nproc", 2] if nproc == 2 else []
-    check(run(["run", config(tmp_path, "full", recipe=SLOW)] + extra))
+    full = references.get(settings(tmp_path, "full", recipe=SLOW), extra)
     proc = start(["run", config(tmp_path, "stopped", recipe=SLOW), *extra], start_new_session=True)
     wait_for_step(tmp_path / "stopped", 5, proc)
     os.killpg(proc.pid, signal.SIGINT)
@@ -231,19 +235,19 @@ def test_ctrl_c_saves_at_the_next_step_and_a_rerun_continues_exactly(tmp_path, n
     assert err.count(f"stopped by SIGINT: the same command resumes from {latest} (step {step})") == 1, err
     assert "Traceback" not in err
     check(run(["run", config(tmp_path, "stopped", recipe=SLOW)] + extra))
-    assert by_step(tmp_path / "stopped") == by_step(tmp_path / "full")
-    assert_same_weights(weights(tmp_path / "stopped", tmp_path), weights(tmp_path / "full", tmp_path))
+    assert by_step(tmp_path / "stopped") == by_step(full)
+    assert_same_weights(weights(tmp_path / "stopped", tmp_path), weights(full, tmp_path))
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_a_second_ctrl_c_stops_at_once_and_says_where_a_rerun_resumes(tmp_path, nproc):
+def test_a_second_ctrl_c_stops_at_once_and_says_where_a_rerun_resumes(tmp_path, references, nproc):
     """The second SIGINT comes while the step the first one is waiting for still runs (each micro-step
     sleeps 0.3 s): exit 130 at once, naming the checkpoint the disk holds, and a rerun logs every step
     once and ends as an uninterrupted run does."""
     extra = ["--nproc", 2] if nproc == 2 else []
     slow = {**SLOW, "delay_s": 0.3}
     sections = dict(recipe=slow, train={"max_steps": 8}, checkpoint={"every_steps": 3})
-    check(run(["run", config(tmp_path, "full", **sections)] + extra))
+    full = references.get(settings(tmp_path, "full", **sections), extra)
     proc = start(["run", config(tmp_path, "stopped", **sections), *extra], start_new_session=True)
     wait_for_step(tmp_path / "stopped", 4, proc)
     os.killpg(proc.pid, signal.SIGINT)
@@ -256,8 +260,8 @@ def test_a_second_ctrl_c_stops_at_once_and_says_where_a_rerun_resumes(tmp_path, 
     assert err.count(f"stopped at once by a second SIGINT: the same command resumes from {latest} (step 3)") == 1
     assert "Traceback" not in err
     check(run(["run", config(tmp_path, "stopped", **sections)] + extra))
-    assert by_step(tmp_path / "stopped") == by_step(tmp_path / "full")
-    assert_same_weights(weights(tmp_path / "stopped", tmp_path), weights(tmp_path / "full", tmp_path))
+    assert by_step(tmp_path / "stopped") == by_step(full)
+    assert_same_weights(weights(tmp_path / "stopped", tmp_path), weights(full, tmp_path))
 
 
 def test_sigkill_of_a_worker_restarts_and_finishes_the_same(tmp_path):

@@ -157,7 +157,7 @@ def test_simulated_srun(tmp_path, reference_2proc):
 
 
 ALLREDUCE_COUNTER = """
-import json, sys
+import json, os, sys
 import torch, torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from launcher.config import load_config
@@ -176,8 +176,14 @@ def counting_hook(state, bucket):
 trainer.strategy.model.register_comm_hook(None, counting_hook)
 trainer.fit()
 if env.rank == 0:
-    json.dump({"allreduces": calls[0]}, open(sys.argv[2], "w"))
+    with open(sys.argv[2], "w") as f:
+        json.dump({"allreduces": calls[0]}, f)
 dist.destroy_process_group()
+# Leave as the CLI does (docs/design.md, Process exit): gloo's threads can abort a finished process in
+# interpreter finalization ("terminate called without an active exception").
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)
 """
 
 

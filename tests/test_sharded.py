@@ -28,6 +28,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -353,4 +354,16 @@ def worker_main(spec_path: str) -> None:
 
 
 if __name__ == "__main__":
-    worker_main(sys.argv[1])
+    # Leave as the CLI does (docs/design.md, Process exit): gloo's threads can abort a finished process in
+    # interpreter finalization.
+    code = 1
+    try:
+        worker_main(sys.argv[1])
+        code = 0
+    except BaseException:  # noqa: BLE001 - shown by the test that started it
+        import traceback
+
+        traceback.print_exc()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
