@@ -28,35 +28,40 @@ def run(args: list[str], cwd: Path = ROOT, env: dict | None = None, timeout: flo
     """`python -m launcher ARGS` (or PREFIX ARGS), output captured. Without a prefix the command runs in a
     child forked from tests/zygote.py, which has torch and launcher imported already: a process of its own
     (pid, environment, working directory, output, exit code) without the start-up. LAUNCHER_TESTS_ZYGOTE=0
-    starts a fresh interpreter for every command instead; so does a PYTHONPATH with a sitecustomize.py
-    (what runs at an interpreter's start cannot run in a fork)."""
+    starts a fresh interpreter for every command instead."""
     cmd = (prefix or [sys.executable, "-m", "launcher"]) + [str(a) for a in args]
     env = worker_env(env)
-    if prefix is not None or os.environ.get("LAUNCHER_TESTS_ZYGOTE") == "0" or starts_with_sitecustomize(env):
+    zygote = None
+    if prefix is None and os.environ.get("LAUNCHER_TESTS_ZYGOTE") != "0":
+        zygote = Zygote.get()
+    if zygote is None:
         return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    return Zygote.get().run(cmd, [str(a) for a in args], cwd, env, timeout)
-
-
-def starts_with_sitecustomize(env: dict) -> bool:
-    return any(Path(p, "sitecustomize.py").is_file() for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)
+    return zygote.run(cmd, [str(a) for a in args], cwd, env, timeout)
 
 
 class Zygote:
     """The tests' fork server (tests/zygote.py), one per test process, started at its first command."""
 
     _running: "Zygote | None" = None
+    _failed = False  # it could not start: every command then starts its own interpreter
 
     def __init__(self):
         self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("zygote.py"))], cwd=ROOT,
                                      env=worker_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        ready = self.proc.stdout.readline()
-        if "ready" not in ready:
+        if "ready" not in self.proc.stdout.readline():
             raise RuntimeError(f"tests/zygote.py did not start (exit {self.proc.wait()})")
 
     @classmethod
-    def get(cls) -> "Zygote":
+    def get(cls) -> "Zygote | None":
+        if cls._failed:
+            return None
         if cls._running is None or cls._running.proc.poll() is not None:
-            cls._running = cls()
+            try:
+                cls._running = cls()
+            except RuntimeError as e:
+                print(f"{e}: the tests' commands start their own interpreters", file=sys.stderr)
+                cls._failed = True
+                return None
         return cls._running
 
     def run(self, cmd: list[str], argv: list[str], cwd, env: dict, timeout: float) -> subprocess.CompletedProcess:

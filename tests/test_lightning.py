@@ -10,14 +10,17 @@ pytest.importorskip("lightning")
 pytestmark = pytest.mark.slow  # Lightning's import and several runs: the full suite
 
 
+def settings(tmp_path, name, optimizers="one", checkpoint=None, **train) -> dict:
+    return digits_config(tmp_path / name, recipe={"name": "toy_recipes.lightning_full", "optimizers": optimizers,
+                                                  "record_to": str(tmp_path / f"{name}.json")},
+                         train={"global_batch_size": 64, "micro_batch_size": 32, "max_steps": 6, "log_every_steps": 1,
+                                "eval_every_steps": 3, **train},
+                         checkpoint=checkpoint or {},
+                         optim={"name": "adamw", "lr": 1.0})  # not used: configure_optimizers() is
+
+
 def config(tmp_path, name, optimizers="one", checkpoint=None, **train):
-    cfg = digits_config(tmp_path / name, recipe={"name": "toy_recipes.lightning_full", "optimizers": optimizers,
-                                                 "record_to": str(tmp_path / f"{name}.json")},
-                        train={"global_batch_size": 64, "micro_batch_size": 32, "max_steps": 6, "log_every_steps": 1,
-                               "eval_every_steps": 3, **train},
-                        checkpoint=checkpoint or {},
-                        optim={"name": "adamw", "lr": 1.0})  # not used: configure_optimizers() is
-    return write_config(tmp_path / f"{name}.yaml", cfg)
+    return write_config(tmp_path / f"{name}.yaml", settings(tmp_path, name, optimizers, checkpoint, **train))
 
 
 @pytest.mark.parametrize("form, lrs", [
@@ -77,15 +80,15 @@ def test_hooks_trainer_and_logged_values(tmp_path):
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero3"])
-def test_under_every_strategy_the_numbers_equal_one_process(tmp_path, strategy):
+def test_under_every_strategy_the_numbers_equal_one_process(tmp_path, references, strategy):
     """Training losses, the schedule and every validation value (reduced exactly over the ranks)
     equal one process's, and a resume continues the scheduler; only float reduction order differs."""
-    check(run(["run", config(tmp_path, "one", "dict_step")]))
+    one_dir = references.get(settings(references.root, "one", "dict_step"))
     extra = ["strategy=deepspeed", "deepspeed.zero_stage=3"] if strategy == "zero3" else [f"strategy={strategy}"]
     check(run(["run", config(tmp_path, "two", "dict_step", max_steps=3, checkpoint={"every_steps": 3}), "--nproc", 2,
                *extra]))
     check(run(["run", config(tmp_path, "two", "dict_step"), "--nproc", 2, *extra]))  # resumed at step 3, mid-schedule
-    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    one, two = metrics(one_dir), metrics(tmp_path / "two")
     assert [r["loss"] for r in two[0]] == pytest.approx([r["loss"] for r in one[0]], rel=1e-5)
     assert [r["lr"] for r in two[0]] == pytest.approx([r["lr"] for r in one[0]])
     for a, b in zip(one[1], two[1]):

@@ -5,7 +5,8 @@ Why: a `python -m launcher ...` spends about 1.5 s of CPU importing Python, torc
 does anything, and the suite starts several hundred of them. A forked child starts with those modules in
 memory. It is still a process of its own: its own pid, environment, working directory, stdout and stderr
 (files, so torch's C++ output is caught too), exit code (os._exit, as the CLI leaves: docs/design.md,
-Process exit), and anything it changes dies with it. This process never runs a torch operation or starts
+Process exit), and anything it changes dies with it. A sitecustomize.py on the command's PYTHONPATH
+runs in the child before the command, as it would at an interpreter's start. This process never runs a torch operation or starts
 a thread, so that forking it is safe (OpenMP's pool and gloo's threads do not survive a fork).
 
 Protocol, one JSON object a line on stdin, answered by one on stdout:
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
 import signal
 import sys
 import time
@@ -28,8 +30,12 @@ def child(request: dict) -> None:
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
-        extra = [p for p in request["env"].get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
-        sys.path[:0] = extra
+        path = [p for p in request["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
+        sys.path[:0] = [p for p in path if p not in sys.path]
+        for entry in path:  # the first sitecustomize on PYTHONPATH runs, as at an interpreter's start
+            if os.path.isfile(os.path.join(entry, "sitecustomize.py")):
+                runpy.run_path(os.path.join(entry, "sitecustomize.py"), run_name="sitecustomize")
+                break
         for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, request["out"], os.O_WRONLY | os.O_CREAT),
                                 (2, request["err"], os.O_WRONLY | os.O_CREAT)):
             new = os.open(path, flags, 0o644)
@@ -65,9 +71,14 @@ def wait(pid: int, timeout: float) -> tuple[int, bool]:
 
 
 def main() -> None:
-    # What every command imports first, then what the training commands import. Nothing here may
-    # run a torch operation (see the module docstring).
+    # What every command imports first, then what the training commands import (torch._dynamo: the first
+    # optimizer's step imports it, about a second; the shipped recipes' scikit-learn data and Lightning,
+    # where installed). Nothing here may run a torch operation or start a thread (see the docstring).
+    import importlib.util
+    import threading
+
     import torch  # noqa: F401
+    import torch._dynamo  # noqa: F401
     import torch.distributed.run  # noqa: F401
     import launcher.cli  # noqa: F401
     import launcher.plan  # noqa: F401
@@ -75,6 +86,11 @@ def main() -> None:
     import launcher.run  # noqa: F401
     import launcher.trainer  # noqa: F401
 
+    for optional in ("sklearn.datasets", "lightning.pytorch"):
+        if importlib.util.find_spec(optional.split(".")[0]) is not None:
+            importlib.import_module(optional)
+    if threading.active_count() != 1:
+        raise SystemExit(f"tests/zygote.py: {threading.active_count()} threads after its imports: it cannot fork")
     print(json.dumps({"ready": os.getpid()}), flush=True)
     for line in sys.stdin:
         request = json.loads(line)
