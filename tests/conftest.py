@@ -1,7 +1,17 @@
-"""Fixtures every test file may use."""
+"""Fixtures every test file may use, and the order the files run in."""
 import pytest
 
 from helpers import References
+
+# The files that take a minute or more (`--durations`), started first: two workers (pyproject's addopts,
+# whole files each) then end together instead of one running the longest file alone at the end.
+LONGEST_FIRST = ["test_slurm.py", "test_elastic.py", "test_distributed.py", "test_checkpoint.py", "test_sharded.py",
+                 "test_memory.py", "test_wild.py", "test_faults.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session")

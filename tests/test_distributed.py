@@ -256,9 +256,10 @@ def test_a_failing_rank_stops_the_job(tmp_path):
 @pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
 def test_every_shipped_config_trains_at_1_and_2_processes(tmp_path, config, nproc):
     """Unchanged but for the run's length and place: train.micro_batch_size is a maximum, so a
-    config written for one process runs on two."""
-    proc = check(run(["run", ROOT / "configs" / config, "--nproc", nproc, "train.max_steps=3",
-                      f"run_dir={tmp_path / 'run'}"]))
+    config written for one process runs on two. One process is `launcher run CONFIG`, as the README
+    starts it (torchrun with one worker: test_elastic, test_two_nodes_on_loopback_train_as_one_job)."""
+    proc = check(run(["run", ROOT / "configs" / config, *(["--nproc", nproc] if nproc > 1 else []),
+                      "train.max_steps=3", f"run_dir={tmp_path / 'run'}"]))
     rows, val = metrics(tmp_path / "run")
     assert [r["step"] for r in rows][-1] == 3 and len(val) == 1
     assert f"on {nproc} process(es)" in proc.stderr
