@@ -66,8 +66,9 @@ def total_steps(cfg, sizes: BatchSizes) -> int | None:
 
 
 def describe_batch(cfg, sizes: BatchSizes) -> str:
-    text = (f"global batch {sizes.global_batch} = micro {sizes.micro_batch} x {sizes.world_size} ranks x "
-            f"{sizes.accumulation} accumulation")
+    ranks = (f"{sizes.world_size} data-parallel ranks (each a TP group of {cfg.tp.size})" if cfg.tp.size > 1
+             else f"{sizes.world_size} ranks")
+    text = f"global batch {sizes.global_batch} = micro {sizes.micro_batch} x {ranks} x {sizes.accumulation} accumulation"
     asked = cfg.train.micro_batch_size
     if asked and asked != sizes.micro_batch:
         text += (f" (train.micro_batch_size={asked} is the most a device holds; {sizes.micro_batch} makes the "

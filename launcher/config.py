@@ -148,6 +148,18 @@ class DeepSpeedConfig(Section):
     config: Optional[str] = Field(None, description="a DeepSpeed JSON merged over the generated config")
 
 
+class TPConfig(Section):
+    size: int = Field(1, ge=1, description="tensor parallelism: the layers of the model's TP plan split over this "
+                      "many ranks (inside a node); the data-parallel ranks are world / size")
+
+
+class Float8Config(Section):
+    recipe: Literal["tensorwise", "rowwise"] = Field("tensorwise", description="float8 scales: one per tensor "
+                                                     "(fastest), or one per row (more accurate)")
+    skip: list[str] = Field([], description="linear layers (module names, globs) that stay bf16; those whose "
+                            "widths are not multiples of 16 always do")
+
+
 class DistConfig(Section):
     timeout_s: float = Field(600, gt=0, description="a rank with no progress for this long ends the job, naming "
                              "where it was")
@@ -158,9 +170,10 @@ class Config(Section):
                                    "recipe's Config")
     run_dir: str = Field("runs/default", description="everything the run writes: config, metrics, checkpoints")
     strategy: Literal["auto", "single", "ddp", "fsdp", "deepspeed"] = Field(
-        "auto", description="auto: single for one process, else ddp")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="bf16: autocast; fp16: autocast and "
-                                                       "a gradient scaler")
+        "auto", description="auto: single for one process, else ddp (fsdp with tp.size > 1)")
+    precision: Literal["fp32", "bf16", "fp16", "float8"] = Field(
+        "fp32", description="bf16: autocast; fp16: autocast and a gradient scaler; float8: bf16 autocast and the "
+        "linear layers' matmuls in float8 (torchao)")
     train: TrainConfig = TrainConfig()
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
@@ -170,6 +183,8 @@ class Config(Section):
     ddp: DDPConfig = DDPConfig()
     fsdp: FSDPConfig = FSDPConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    tp: TPConfig = TPConfig()
+    float8: Float8Config = Float8Config()
     dist: DistConfig = DistConfig()
 
     @property
@@ -379,7 +394,7 @@ def dump_config(cfg: Config, path: Path) -> None:
 # What changes the training math: resuming a checkpoint under a config that differs here would
 # mix two runs. Everything else (length, logging, checkpoints, strategy, world size, workers)
 # may change on resume, with a note.
-MATH_KEYS = ("recipe.", "precision", "train.global_batch_size", "train.seed", "train.grad_clip",
+MATH_KEYS = ("recipe.", "precision", "float8.recipe", "float8.skip", "train.global_batch_size", "train.seed", "train.grad_clip",
              "train.on_nonfinite", "optim.", "schedule.", "data.shuffle", "data.tail")
 ROUNDING_ONLY = ("optim.impl",)  # the same update, computed by another kernel
 NOT_COMPARED = ("run_dir", "checkpoint.resume", "checkpoint.resume_changed")

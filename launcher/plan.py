@@ -120,6 +120,7 @@ class Model:
     groups: list[tuple[list[int], int | None]]  # optimizer param groups: (param indices, states per element)
     optimizer: str  # which optimizer, for the header
     names: int = 0  # parameter names, tied ones each
+    whole: list[Param] | None = None  # with tp.size > 1 `params` are one TP rank's parts; these are whole
 
     def optimized(self) -> list[tuple[list[Param], int | None]]:
         """The groups' parameters the optimizer keeps state for: trainable, not empty."""
@@ -311,8 +312,8 @@ def setup_peak(s: Setup, key: str, init_weights: bool, resuming: bool = False) -
     with init_weights under FSDP, none resuming); ZeRO-3 then copies its partitions into one flat
     buffer beside a flat gradient partition (three partitions at once). Replicated: the whole model."""
     m, row = s.model, ROWS[key][1](s)
-    whole = sum((held(p.numel, p.itemsize, host=True) for p in m.params), Held())
-    one = max((held(p.numel, p.itemsize) for p in m.params), key=lambda h: h.bytes, default=Held())
+    whole = sum((held(p.numel, p.itemsize, host=True) for p in m.whole or m.params), Held())
+    one = max((held(p.numel, p.itemsize) for p in m.whole or m.params), key=lambda h: h.bytes, default=Held())
     if key not in ("fsdp", "hsdp", "zero3"):
         return [whole] * s.world, "every rank builds the whole model from the seed"
     copy = not resuming and not (init_weights and key != "zero3")
@@ -376,10 +377,10 @@ def chosen(cfg, world_size: int) -> str:
     """The row of the config's strategy (DeepSpeed's stage as the user's JSON leaves it)."""
     from .strategies import resolve_name
 
-    name = resolve_name(cfg.strategy, world_size)
+    name = resolve_name(cfg.strategy, world_size, cfg.tp.size)
     if name == "deepspeed":
         return f"zero{int(deepspeed_settings(cfg, world_size).get('zero_optimization', {}).get('stage', 0))}"
-    if name == "fsdp" and replicas(cfg, world_size) > 1:
+    if name == "fsdp" and replicas(cfg, world_size // cfg.tp.size) > 1:
         return "hsdp"
     return name
 
@@ -393,17 +394,22 @@ def estimate(cfg, recipe, world_size: int) -> dict[str, Row]:
 
 
 def setup(cfg, recipe, world_size: int) -> Setup:
+    """With tp.size > 1 the Setup's world is the data-parallel ranks and its model one TP rank's parts:
+    FSDP shards those over the data-parallel ranks, and every rank of a TP group holds the same."""
     from .batch import batch_sizes
 
-    sizes = batch_sizes(cfg, world_size)
-    return Setup(cfg, world_size, sizes.accumulation, summarize(cfg, recipe), deepspeed_settings(cfg, world_size))
+    data = world_size // cfg.tp.size
+    sizes = batch_sizes(cfg, data)
+    return Setup(cfg, data, sizes.accumulation, summarize(cfg, recipe), deepspeed_settings(cfg, data))
 
 
 def rows_for(s: Setup) -> dict[str, Row]:
-    mine = chosen(s.cfg, s.world)
+    mine = chosen(s.cfg, s.world * s.cfg.tp.size)
     out = {}
     for key, (label, how) in ROWS.items():
         if key in OPTIONAL and not OPTIONAL[key](s.world, mine):
+            continue
+        if s.cfg.tp.size > 1 and key not in ("fsdp", mine):  # TP runs under fsdp (HSDP) only
             continue
         out[key] = how(s)
         out[key].label = label
@@ -432,13 +438,23 @@ def summarize(cfg, recipe) -> Model:
         model = recipe.build_model()
     tensors = list(model.parameters())  # each tensor once: tied weights are counted once
     params = [Param(tuple(p.shape), p.element_size(), p.requires_grad) for p in tensors]
+    if cfg.tp.size > 1:  # one TP rank's parts of the parameters the plan splits
+        from .recipe import unwrap_lightning
+        from .tensor_parallel import local_shapes, plan_of, resolve
+
+        inner = unwrap_lightning(model)
+        shapes = local_shapes(inner, resolve(plan_of(recipe, inner), inner, cfg.tp.size), cfg.tp.size)
+        whole, params = params, [Param(shapes.get(id(p), tuple(p.shape)), p.element_size(), p.requires_grad)
+                                 for p in tensors]
+    else:
+        whole = None
     index = {id(p): i for i, p in enumerate(tensors)}
     total_names = len(list(model.named_parameters(remove_duplicate=False)))
     if "optim" not in recipe.replaces():
-        k = (1 if cfg.optim.momentum else 0) if cfg.optim.name == "sgd" else 2
+        k = states_for(cfg)
         groups = [([i for i, p in enumerate(params) if p.trainable], k)]
         what = f"the config (optim.name={cfg.optim.name}, lr={cfg.optim.lr})"
-        return Model(params, groups, f"{what}: {describe_states(k)}", total_names)
+        return Model(params, groups, f"{what}: {describe_states(k)}", total_names, whole)
     source = recipe.replaces()["optim"]
     try:
         optimizer, _ = recipe.optimizer(model)
@@ -448,15 +464,20 @@ def summarize(cfg, recipe) -> Model:
         why = "it returned no torch optimizer"
     if not isinstance(optimizer, torch.optim.Optimizer):
         groups = [([i for i, p in enumerate(params) if p.trainable], None)]
-        return Model(params, groups, f"{source}: its state is unknown ({why}), not counted", total_names)
+        return Model(params, groups, f"{source}: its state is unknown ({why}), not counted", total_names, whole)
     groups = [([index[id(p)] for p in g["params"] if id(p) in index], states_per_element(optimizer, g))
               for g in optimizer.param_groups]
     ks = {k for _, k in groups}
     name = type(optimizer).__name__
     if None in ks:
-        return Model(params, groups, f"{source}: {name}, whose state is unknown, not counted", total_names)
+        return Model(params, groups, f"{source}: {name}, whose state is unknown, not counted", total_names, whole)
     per = describe_states(ks.pop()) if len(ks) == 1 else "per group " + ", ".join(str(k) for _, k in groups)
-    return Model(params, groups, f"{source}: {name}, {len(groups)} group(s), {per}", total_names)
+    return Model(params, groups, f"{source}: {name}, {len(groups)} group(s), {per}", total_names, whole)
+
+
+def states_for(cfg) -> int:
+    """State tensors per element of the config's optimizer."""
+    return (1 if cfg.optim.momentum else 0) if cfg.optim.name == "sgd" else 2
 
 
 def states_per_element(optimizer, group: dict) -> int | None:
@@ -506,17 +527,19 @@ def describe(cfg, recipe, world_size: int, nodes: int = 1) -> str:
     from .recipe import batch_statistics_note
     from .strategies import resolve_name
 
-    sizes = batch_sizes(cfg, world_size)
+    tp = cfg.tp.size
+    sizes = batch_sizes(cfg, world_size // tp)
     s = setup(cfg, recipe, world_size)
     rows, mine, model = rows_for(s), chosen(cfg, world_size), s.model
-    n_all = sum(p.numel for p in model.params)
-    n_train = sum(p.numel for p in model.params if p.trainable)
+    n_all = sum(p.numel for p in model.whole or model.params)
+    n_train = sum(p.numel for p in model.whole or model.params if p.trainable)
     tied = model.names - len(model.params)
-    name = resolve_name(cfg.strategy, world_size)
+    name = resolve_name(cfg.strategy, world_size, tp)
     schedule = f"the config (schedule.decay={cfg.schedule.decay}, warmup_steps={cfg.schedule.warmup_steps})"
     lines = [
         f"strategy: {name}{f' ({ROWS[mine][0]})' if mine != name else ''}   world size: {world_size}"
         f"{f' ({nodes} nodes x {world_size // nodes} processes)' if nodes > 1 else ''}   precision: {cfg.precision}",
+        *([f"mesh: {mesh_text(cfg, world_size)}"] if tp > 1 else []),
         f"batch: {describe_batch(cfg, sizes)}",
         f"optimizer: {model.optimizer}",
         f"schedule: {recipe.replaces().get('schedule', schedule)}",
@@ -534,6 +557,8 @@ def describe(cfg, recipe, world_size: int, nodes: int = 1) -> str:
     for t in table:
         lines.append("  " + "  ".join(v.rjust(w) if i in (3, 5, 7) else v.ljust(w)
                                       for i, (v, w) in enumerate(zip(t, widths))).rstrip())
+    if tp > 1:
+        lines.append(f"  (one TP rank's parts: the plan's layers split over tp.size={tp}, the rest whole on each)")
     lines += ["", "* the config's strategy. gradients: the most a step holds; optimizer: its state, and fp32 "
                   "master weights where kept apart from the parameters.",
               f"Under {cfg.precision}:"]
@@ -545,6 +570,9 @@ def describe(cfg, recipe, world_size: int, nodes: int = 1) -> str:
                          f"rank {row.largest[0]} the most)")
     lines.append("Not estimated: activations, FSDP's unsharded units and DeepSpeed's communication buckets "
                  "(transient), buffers.")
+    if name == "fsdp" and world_size > 1 and (tp > 1 or has_tp_plan(recipe)):
+        lines += ["", "tensor parallelism (tp.size; strategy fsdp, the rank holding the most):"]
+        lines += ["  " + line for line in tp_table(cfg, recipe, world_size, world_size // nodes)]
     peaks, how = setup_peak(s, mine, init_weights=callable(getattr(recipe.module, "init_weights", None)))
     lines += ["", f"set-up peak per rank (building the model): {how}:"]
     if len({p for p in peaks}) == 1:
@@ -553,6 +581,48 @@ def describe(cfg, recipe, world_size: int, nodes: int = 1) -> str:
         lines.append(f"  rank 0 {cell(peaks[0])[0]}; ranks 1-{len(peaks) - 1} at most "
                      f"{cell(max(peaks[1:], key=lambda h: h.bytes))[0]}")
     return "\n".join(lines)
+
+
+def mesh_text(cfg, world_size: int) -> str:
+    tp = cfg.tp.size
+    data = world_size // tp
+    r = replicas(cfg, data)
+    return f"replicate {r} x shard {data // r} x tp {tp} (FSDP2 over {data} data-parallel ranks, TP inside each group of {tp})"
+
+
+def has_tp_plan(recipe) -> bool:
+    from .recipe import unwrap_lightning
+    from .tensor_parallel import plan_of
+
+    try:
+        plan_of(recipe, unwrap_lightning(recipe.check_model()))
+    except Exception:  # noqa: BLE001 - no plan: no table
+        return False
+    return True
+
+
+def tp_table(cfg, recipe, world_size: int, per_node: int) -> list[str]:
+    """For each tp.size that divides the processes of a node: the mesh, the accumulation and what a
+    rank holds under fsdp, or why that size cannot run."""
+    from .config import ConfigError
+    from .batch import batch_sizes
+
+    table = [["tp.size", "mesh (replicate x shard x tp)", "accumulation", "parameters", "total"]]
+    for tp in [t for t in range(1, per_node + 1) if per_node % t == 0]:
+        c = cfg.model_copy(deep=True)
+        c.tp.size, c.strategy = tp, "fsdp"
+        try:
+            s = setup(c, recipe, world_size)
+            data = world_size // tp
+            r = replicas(c, data)
+            row = (ROWS["hsdp"] if r > 1 else ROWS["fsdp"])[1](s)
+            _, most = row.largest
+            table.append([f"{'*' if tp == cfg.tp.size else ' '} {tp}", f"{r} x {data // r} x {tp}",
+                          str(batch_sizes(c, data).accumulation), cell(most.parameters)[0], human(most.total.bytes)])
+        except ConfigError as e:
+            table.append([f"  {tp}", f"cannot run: {str(e).split(':')[0]}", "", "", ""])
+    widths = [max(len(t[i]) for t in table) for i in range(len(table[0]))]
+    return ["  ".join(v.ljust(w) for v, w in zip(t, widths)).rstrip() for t in table]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

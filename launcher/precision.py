@@ -5,7 +5,8 @@ import contextlib
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# float8 computes under bf16 autocast; its linear layers' matmuls are float8 (launcher/float8.py).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "float8": torch.bfloat16}
 
 
 class Precision:

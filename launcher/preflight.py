@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import default_collate
 
+from . import float8
 from .batch import BatchSizes, batch_sizes, total_steps
 from .checkpoint import read_meta, resume_from
 from .config import Config, config_changes
@@ -47,11 +48,14 @@ def check_inputs(cfg: Config, world_size: int, origin: str, report_only: bool = 
     recipe = Recipe.load(cfg.recipe, origin)
     recipe.check_optimization()
     report_replaced_sections(cfg, recipe)
-    sizes = batch_sizes(cfg, world_size)
     here = detect()
     local_world_size = here.local_world_size if here.world_size == world_size else None  # a worker knows it
-    strategy_class(resolve_name(cfg.strategy, world_size)).check(cfg, sizes, world_size, local_world_size)
+    data_world = check_tensor_parallel(cfg, recipe, world_size, local_world_size)
+    sizes = batch_sizes(cfg, data_world)
+    strategy_class(resolve_name(cfg.strategy, world_size, cfg.tp.size)).check(
+        cfg, sizes, data_world, local_world_size and local_world_size // cfg.tp.size)
     check_loggers(cfg)
+    float8.check(cfg, resolve_name(cfg.strategy, world_size, cfg.tp.size))
     check_switches(cfg, recipe)
     check_fused_optimizer(cfg, recipe, world_size)
     resume = resume_from(cfg.checkpoint, Path(cfg.run_dir), world_size, may_move=is_main_process() and not report_only)
@@ -60,11 +64,32 @@ def check_inputs(cfg: Config, world_size: int, origin: str, report_only: bool = 
     check_writable(Path(cfg.run_dir))
     train_set, _ = recipe.build_data()
     length = train_length(cfg, train_set, say)
-    sizes = batch_sizes(cfg, world_size, length)  # a train set smaller than G
+    sizes = batch_sizes(cfg, data_world, length)  # a train set smaller than G
     if length is None:
         check_unknown_length(cfg, recipe, train_set)
     check_first_batch(cfg, recipe, train_set, sizes, probe_step)
     return Checked(recipe, sizes, resume)
+
+
+def check_tensor_parallel(cfg: Config, recipe: Recipe, world_size: int, local_world_size: int | None) -> int:
+    """tp.size against the world and the model's TP plan; returns the data-parallel size, world / tp."""
+    tp = cfg.tp.size
+    if tp == 1:
+        return world_size
+    if world_size % tp:
+        raise ConfigError(f"tp.size={tp} does not divide the world size {world_size}: the ranks form groups of "
+                          f"tp.size; use a tp.size that divides {world_size}, or --nproc a multiple of {tp}")
+    if local_world_size is not None and local_world_size % tp:
+        raise ConfigError(f"tp.size={tp} does not divide the {local_world_size} processes of a node: a TP group "
+                          "stays inside one node (its all-reduces run every layer); use a tp.size that divides "
+                          "the processes per node")
+    if recipe.is_lightning():
+        raise ConfigError("tp.size > 1 is not supported for a LightningModule yet: set tp.size=1")
+    from .tensor_parallel import plan_of, resolve
+
+    model = unwrap_lightning(recipe.check_model())
+    resolve(plan_of(recipe, model), model, tp)
+    return world_size // tp
 
 
 def check_unknown_length(cfg: Config, recipe: Recipe, train_set) -> None:
@@ -145,7 +170,7 @@ def check_fused_optimizer(cfg: Config, recipe: Recipe, world_size: int) -> None:
     it building the optimizer (optim.implementation); optim.impl=auto takes foreach there instead."""
     if cfg.optim.impl != "fused" or "optim" in recipe.replaces():
         return
-    strategy = resolve_name(cfg.strategy, world_size)
+    strategy = resolve_name(cfg.strategy, world_size, cfg.tp.size)
     offloaded = ((strategy == "fsdp" and cfg.fsdp.cpu_offload)
                  or (strategy == "deepspeed" and cfg.deepspeed.offload_optimizer))
     device = "cuda" if torch.cuda.is_available() and not offloaded else "cpu"
@@ -363,6 +388,9 @@ def check_node_range(cfg: Config, nproc: int, min_nodes: int, max_nodes: int) ->
     worlds = [n * nproc for n in range(min_nodes, max_nodes + 1)]
     nodes = f"{min_nodes} to {max_nodes} nodes x {nproc} worker(s)"
     name = resolve_name(cfg.strategy, worlds[-1])
+    if cfg.tp.size > 1:
+        raise ConfigError(f"tp.size={cfg.tp.size} cannot run elastic ({nodes}) yet: use a fixed number of nodes, "
+                          "or tp.size=1")
     if name == "deepspeed":
         raise ConfigError(f"strategy=deepspeed cannot run elastic ({nodes}): a DeepSpeed checkpoint resumes only at "
                           "the world size that wrote it. Use strategy=ddp or fsdp, or a fixed number of nodes")

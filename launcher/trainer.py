@@ -10,6 +10,7 @@ map-style data and streams (data.MapData, stream.StreamData).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import STARTED_AT
+from . import STARTED_AT, float8
 from .batch import batch_sizes, describe_batch, total_steps
 from .build import ModelSource
 from .checkpoint import Checkpointer, kept_note, resume_from, step_dir_name
@@ -55,18 +56,24 @@ class Trainer:
         seed_everything(cfg.train.seed)
         self.recipe = recipe or Recipe.load(cfg.recipe)
         train_set, val_set = self.recipe.build_data()
-        self.sizes = batch_sizes(cfg, env.world_size, train_length(cfg, train_set))
+        # The ranks of one TP group (consecutive ranks) read the same micro-batches: the batch math runs
+        # over the data-parallel ranks, world / tp.size (docs/design.md, Tensor parallelism).
+        self.data_env = dataclasses.replace(env, rank=env.rank // cfg.tp.size,
+                                            world_size=env.world_size // cfg.tp.size)
+        self.sizes = batch_sizes(cfg, self.data_env.world_size, train_length(cfg, train_set))
         self.total_steps = total_steps(cfg, self.sizes)
         self.state = RunState(cfg, env, self.sizes, self.total_steps, device)
-        self.data = train_data(train_set, self.sizes, env.rank, cfg, self.recipe.collate, device)
+        self.data = train_data(train_set, self.sizes, self.data_env.rank, cfg, self.recipe.collate, device)
 
         # Known before the model is built: a resumed sharded model takes its weights from the checkpoint.
         self.resumed_from = resume_from(cfg.checkpoint, self.run_dir, env.world_size, may_move=False)
-        cls = strategy_class(resolve_name(cfg.strategy, env.world_size))
+        cls = strategy_class(resolve_name(cfg.strategy, env.world_size, cfg.tp.size))
         # The same seed on every rank right before building: equal weights (docs/design.md, Building the model).
         source = ModelSource(self.recipe, cfg.train.seed, env.rank, device, resuming=self.resumed_from is not None)
         on_meta = cls.shards_parameters(cfg, self.sizes)
         model = source.build(on_meta)
+        if cfg.precision == "float8":  # before any split: TP and FSDP take the float8 layers as they are
+            say(float8.convert(model, cfg, device))
         self.recipe.check_trainable(model, built_on_meta=on_meta)
         self.run = self.recipe.run_for(model, self.state)  # the recipe's calls, or a LightningModule's
         self.precision = Precision(cfg.precision, device, use_scaler=cls.uses_torch_scaler)
@@ -89,7 +96,7 @@ class Trainer:
                                         resumed=self.resumed_from is not None)
         self.rows = RowMaker(self.sizes, env.world_size, device, cfg.precision,
                              self.recipe.per_sample("tokens_per_sample"), self.recipe.per_sample("flops_per_sample"))
-        self.evaluator = Evaluator(val_set, cfg.train.eval_batch_size or self.sizes.micro_batch, env, device,
+        self.evaluator = Evaluator(val_set, cfg.train.eval_batch_size or self.sizes.micro_batch, self.data_env, device,
                                    self.precision, cfg.data.num_workers, self.recipe.collate, self.run, self.watchdog)
         self.signals = StopSignals(self.run_dir)
         self.profiler = StepProfiler.from_config(cfg.train.profile, self.run_dir, device, env.rank, self.state.step)

@@ -222,18 +222,22 @@ def data(cfg: Config):
 
 
 class SelfAttention(nn.Module):
+    """Causal self-attention. q, k and v are separate projections, and the head count is read from their
+    output (-1 below), so that tensor parallelism (tp_plan) can give each rank whole heads."""
+
     def __init__(self, d_model: int, n_head: int):
         super().__init__()
-        self.n_head = n_head
-        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.n_head, self.head_dim = n_head, d_model // n_head
+        self.q = nn.Linear(d_model, d_model)
+        self.k = nn.Linear(d_model, d_model)
+        self.v = nn.Linear(d_model, d_model)
         self.proj = nn.Linear(d_model, d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=-1)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        B, T, _ = x.shape
+        q, k, v = (f(x).view(B, T, -1, self.head_dim).transpose(1, 2) for f in (self.q, self.k, self.v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class Block(nn.Module):
@@ -310,6 +314,20 @@ def model(cfg: Config) -> nn.Module:
     return gpt
 
 
+def tp_plan(model: GPT) -> dict:
+    """Tensor parallelism (tp.size): each rank holds whole heads of q, k and v and the matching columns
+    of proj (Megatron's split: one all-reduce after attention, one after the MLP), the MLP's hidden
+    features, and a part of the vocabulary in the embedding and the head (tied: both split the rows)."""
+    return {
+        "tok_emb": "rowwise",
+        "blocks.*.attn.[qkv]": "colwise",
+        "blocks.*.attn.proj": "rowwise",
+        "blocks.*.mlp.0": "colwise",
+        "blocks.*.mlp.2": "rowwise",
+        "head": "colwise_gather_output",  # the loss reads whole logits
+    }
+
+
 @contextlib.contextmanager
 def swapping_parameters():
     """Module.to_empty from the meta device makes a new Parameter per module, which unties tied
@@ -361,7 +379,7 @@ def flops_per_sample(cfg: Config) -> float:
 
         6 * N * T + 12 * n_layer * d_model * T^2
 
-    N, the non-embedding parameters: 12 * d_model^2 a block (qkv 3 d^2, proj d^2,
+    N, the non-embedding parameters: 12 * d_model^2 a block (q, k, v 3 d^2, proj d^2,
     MLP 8 d^2; biases and LayerNorms are negligible) plus the output head's
     vocab_size * d_model, a real matmul even when it shares its weight with the
     embedding; the embedding lookups cost no FLOPs.

@@ -27,6 +27,8 @@ The checks, in the order they run:
   offload_nan     (l) fsdp.cpu_offload with fused AdamW and a NaN loss at one step: that step is skipped
                       exactly (weights and optimizer state as before it) and the run goes on
   setup_memory    (m) the set-up peak CUDA memory of the 350M model under fsdp against `launcher plan`
+  float8          (n) precision=float8 (torchao) against bf16 on the 350M model: step time, MFU and the loss
+                      after the same steps (within 3%); where torchao can be imported
 
 Figures come from what launcher writes (RUN_DIR/metrics.jsonl rows: loss, tokens_per_s, mfu,
 step_time, mem_max_allocated_gib) or are measured around a call. A row's rates cover the
@@ -113,6 +115,7 @@ SIZES = {
         "sync_debug": Size(GPT_SMALL, batch=8, steps=8, log_every=4, lr=3e-4),
         "offload_nan": Size(GPT_SMALL, batch=8, steps=6, log_every=1, lr=3e-4),
         "setup_memory": Size(GPT_350M, batch=8, steps=2, log_every=1, lr=3e-4),
+        "float8": Size(GPT_350M, batch=16, steps=30, log_every=10, lr=3e-4),
     },
     "smoke": {  # the same runs at a size the CPU trains in a second or two
         "bf16": Size(TINY, batch=8, steps=6, log_every=2, lr=3e-3),
@@ -129,6 +132,7 @@ SIZES = {
         "sync_debug": Size(TINY, batch=8, steps=8, log_every=4, lr=3e-3),
         "offload_nan": Size(TINY, batch=8, steps=6, log_every=1, lr=3e-3),
         "setup_memory": Size(TINY, batch=8, steps=2, log_every=1, lr=3e-3),
+        "float8": Size(TINY, batch=8, steps=6, log_every=2, lr=3e-3),
     },
 }
 BUDGET_S = {"gpu": 450, "smoke": 200}  # no check starts after this; subprocesses stop a minute later
@@ -770,6 +774,26 @@ def check_setup_memory(ctx: Context) -> dict:
     return figures
 
 
+def check_float8(ctx: Context) -> dict:
+    if importlib.util.find_spec("torchao") is None:
+        raise Skip("torchao is not installed (carry its wheel: scripts/gpu_wheels.sh)")
+    size, figures = ctx.sizes["float8"], {}
+    bf16 = ctx.fit("f8_bf16", size, [])
+    ctx.cleanup("f8_bf16")
+    float8 = ctx.fit("f8_float8", size, ["precision=float8"])
+    ctx.cleanup("f8_float8")
+    for name, rows in (("bf16", bf16), ("float8", float8)):
+        for key, value in rates(rows).items():
+            figures[f"{name}_{key}"] = value
+        figures[f"{name}_loss_last"] = rows[-1]["loss"]
+    trained(float8, figures)
+    figures["step_time_ratio"] = figures["float8_step_time"] / figures["bf16_step_time"]
+    diff = abs(figures["float8_loss_last"] - figures["bf16_loss_last"]) / figures["bf16_loss_last"]
+    figures["loss_vs_bf16"] = diff
+    expect(diff < 0.03, f"float8's last loss differs from bf16's by {diff:.3g} (relative)", figures)
+    return figures
+
+
 CHECKS = {
     "bf16": check_bf16,
     "compile": check_compile,
@@ -785,6 +809,7 @@ CHECKS = {
     "sync_debug": check_sync_debug,
     "offload_nan": check_offload_nan,
     "setup_memory": check_setup_memory,
+    "float8": check_float8,
 }
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The wheels scripts/gpu_check.py needs on a GPU machine that has torch but cannot download:
-# pydantic (launcher's config) and DeepSpeed (check zero2), for Python 3.12 on x86-64 Linux,
+# pydantic (launcher's config), DeepSpeed (check zero2) and torchao (check float8), for Python 3.12 on x86-64 Linux,
 # into .whl/ (git-ignored). Run it here, with the venv active (DeepSpeed's wheel is built
 # from its source, whose setup.py imports torch):
 #
@@ -28,6 +28,7 @@ WHEELS=(
     typing-inspection==0.4.5
     typing-extensions==4.16.0
     hjson==3.1.0             # DeepSpeed's config parser
+    torchao==0.18.0          # precision=float8 (check float8; abi3, torch >= 2.11)
 )
 DEEPSPEED=deepspeed==0.19.8  # published as source only: built into a wheel here
 

@@ -152,6 +152,16 @@ def nproc2(*overrides, **sections) -> Callable[[Ctx], list]:
     return lambda c: ["run", c.config(**sections), *overrides, "--nproc", 2]
 
 
+def tiny_gpt(*args, **recipe) -> Callable[[Ctx], list]:
+    """`run CONFIG ARGS` of a tiny recipes.gpt (it has a TP plan) on the quick config's batch sizes."""
+    def make(c: Ctx):
+        config = digits_config(c.run_dir, train={"micro_batch_size": 32})
+        config["recipe"] = {"name": "recipes.gpt", "n_layer": 1, "n_head": 2, "d_model": 16, "seq_len": 16,
+                            "max_chars": 20000, **recipe}
+        return ["run", write_config(c.tmp / "c.yaml", config), *args]
+    return make
+
+
 def config_text(text: str | bytes, name: str = "c.yaml") -> Callable[[Ctx], list]:
     return lambda c: ["run", c.write(name, text), "--nproc", 2]
 
@@ -403,6 +413,23 @@ CASES = [
          ("train.compile", "deepspeed", "train.compile=false"), once="is not supported"),
     Case("fsdp-replicate-not-a-divisor", nproc2("strategy=fsdp", "fsdp.replicate=3"),
          ("fsdp.replicate=3", "world size 2", "1, 2, or nodes")),
+    # ------------------------------------------------------------ tensor parallelism
+    Case("tp-without-a-plan", nproc2("tp.size=2"), ("tp.size > 1 needs a tensor-parallel plan", "tp_plan(model)",
+                                                    "recipes.digits")),
+    Case("tp-not-a-divisor-of-the-world", tiny_gpt("tp.size=3", "--nproc", 2), ("tp.size=3", "world size 2")),
+    Case("tp-under-ddp", tiny_gpt("strategy=ddp", "tp.size=2", "--nproc", 2), ("tp.size=2", "strategy=fsdp")),
+    Case("tp-heads-do-not-split", tiny_gpt("tp.size=2", "--nproc", 2, n_head=3, d_model=24),
+         ("n_head=3", "tp.size=2")),
+    Case("tp-width-does-not-split", tiny_gpt("tp.size=2", "--nproc", 2, n_head=1, d_model=15),
+         ("`blocks.0.attn.q` has 15 output features", "tp.size=2")),
+    Case("tp-elastic", tiny_gpt("tp.size=2", "--nproc", 2, "--nnodes", "1:2", "--rdzv-endpoint", "127.0.0.1:29555"),
+         ("tp.size=2 cannot run elastic",)),
+    # ------------------------------------------------------------ float8
+    Case("float8-not-installed", hidden("torchao", "precision=float8"), ("precision=float8 needs torchao",
+                                                                          "pip install 'launcher[float8]'")),
+    Case("float8-under-deepspeed", nproc2("strategy=deepspeed", "precision=float8"),
+         ("precision=float8 with strategy=deepspeed", "strategy=fsdp")),
+    Case("float8-settings-without-float8", nproc2("float8.recipe=rowwise"), ("float8 settings", "precision=float8")),
     Case("deepspeed-not-installed", hidden("deepspeed", "strategy=deepspeed"), ("pip install 'launcher[deepspeed]'",)),
     Case("wandb-not-installed", hidden("wandb", "log.wandb.project=demo"), ("pip install 'launcher[wandb]'",)),
     Case("tensorboard-not-installed", hidden("tensorboard", "log.tensorboard=true"),

@@ -14,7 +14,7 @@ import pytest
 from helpers import ROOT, worker_env
 
 CHECKS = ["bf16", "compile", "fp16", "activation_ckpt", "plan_memory", "async_ckpt", "export", "ddp", "fsdp",
-          "fsdp_offload", "zero2", "sync_debug", "offload_nan", "setup_memory"]
+          "fsdp_offload", "zero2", "sync_debug", "offload_nan", "setup_memory", "float8"]
 NEED_CUDA = {"plan_memory", "setup_memory"}  # compare CUDA's allocator with the plan: nothing to compare on the CPU
 
 
@@ -35,7 +35,8 @@ def test_smoke_runs_every_check_and_none_fails(smoke):
     for name, result in report["checks"].items():
         assert result["status"] != "failed", (name, result)
         assert any(line.startswith(f"{name}: {result['status']}") for line in lines), (name, proc.stdout)
-    can_run = [n for n in CHECKS if n not in NEED_CUDA and (n != "zero2" or importlib.util.find_spec("deepspeed"))]
+    optional = {"zero2": "deepspeed", "float8": "torchao"}
+    can_run = [n for n in CHECKS if n not in NEED_CUDA and (n not in optional or importlib.util.find_spec(optional[n]))]
     assert [n for n in can_run if report["checks"][n]["status"] != "ok"] == []
     for name in NEED_CUDA:
         assert report["checks"][name]["status"] == "skipped" and report["checks"][name]["why"]

@@ -28,7 +28,7 @@ from test_checkpoint import by_step, start_from_checkpoint, weights
 
 SHARDED_WORKER = Path(__file__).resolve().parent / "test_sharded.py"
 GPT = {"name": "recipes.gpt", "n_layer": 2, "n_head": 2, "d_model": 32, "seq_len": 32, "max_chars": 40000}
-# Odd dim 0 (qkv 27 rows, proj and norms 9, positions 7): the two shards of a parameter differ in size.
+# Odd dim 0 (q, k, v, proj and norms 9 rows, positions 7): the two shards of a parameter differ in size.
 GPT_ODD = {"name": "recipes.gpt", "n_layer": 2, "n_head": 1, "d_model": 9, "seq_len": 7, "max_chars": 6000}
 STEPS, SAVED_AT = 8, 4
 

@@ -1,8 +1,8 @@
 """Every optimizer x strategy x precision pair either trains or is refused before any worker starts.
 
-The matrix (192 pairs): strategies single (1 process), ddp, fsdp, HSDP (fsdp.replicate=2 on 2
+The matrix (256 pairs): strategies single (1 process), ddp, fsdp, HSDP (fsdp.replicate=2 on 2
 processes: 2 replica groups of 1), deepspeed ZeRO 0, 1, 2, 3 (2 processes); precisions fp32, bf16,
-fp16; optimizers sgd with momentum, sgd without, adam, adamw; optim.impl auto and fused. Each pair
+fp16, float8; optimizers sgd with momentum, sgd without, adam, adamw; optim.impl auto and fused. Each pair
 trains the digits MLP (hidden 16) for 3 steps of 32 samples, or is refused by `preflight.check_inputs`
 (what `launcher run` calls before it starts any worker) with a ConfigError (exit 2) of one paragraph
 that names the cause (`refusal` below says which pairs, and why).
@@ -47,7 +47,7 @@ STRATEGIES = {
     "hsdp": (2, {"strategy": "fsdp", "fsdp": {"replicate": 2}}),  # R = W: every group one rank (DDP-like)
     **{f"zero{s}": (2, {"strategy": "deepspeed", "deepspeed": {"zero_stage": s}}) for s in range(4)},
 }
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "float8")
 OPTIMIZERS = {
     "sgd": {"name": "sgd", "lr": 0.5, "momentum": 0.9},
     "sgd_plain": {"name": "sgd", "lr": 0.5, "momentum": 0.0},  # no momentum buffer: another code path
@@ -65,7 +65,9 @@ STEPS = 3
 # op by op under autocast: <= 1.7e-4. Each bound leaves >= 5x room, stays below its format's rounding
 # unit (bf16 3.9e-3, fp16 4.9e-4) and below what a wrong update shows: an SGD step twice too large (as
 # gradients summed over the 2 ranks instead of averaged) moves the losses by 3.6e-3 by step 3.
-LOSS_RTOL = {"fp32": 1e-5, "fp16": 1e-4, "bf16": 1e-3}
+# float8 (torchao, emulated on the CPU): each micro-batch's activations get their own float8 scale, and a
+# micro-batch is 32 samples on one process, 16 on each of two: <= 5.7e-4 (Adam under FSDP), 4x room.
+LOSS_RTOL = {"fp32": 1e-5, "fp16": 1e-4, "bf16": 1e-3, "float8": 2.5e-3}
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,7 @@ class Pair:
 
 PAIRS = [Pair(s, p, o, i) for s in STRATEGIES for p in PRECISIONS for o in OPTIMIZERS for i in IMPLS]
 DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+TORCHAO = importlib.util.find_spec("torchao") is not None
 
 
 def refusal(pair: Pair, cuda: bool) -> str | None:
@@ -121,6 +124,10 @@ def refusal(pair: Pair, cuda: bool) -> str | None:
         if pair.strategy == "zero0" and pair.precision != "fp32":
             return (rf"deepspeed\.zero_stage=0 with precision={pair.precision} is not supported: .* "
                     r"Use strategy=ddp .* or deepspeed\.zero_stage>=1")
+    if pair.precision == "float8" and not TORCHAO:
+        return r"precision=float8 needs torchao, which is not installed: pip install 'launcher\[float8\]'"
+    if pair.precision == "float8" and pair.strategy.startswith("zero"):
+        return r"precision=float8 with strategy=deepspeed is not supported: use strategy=fsdp"
     if pair.fsdp and pair.impl == "fused" and not dtensor_runs_fused(name):
         # torch 2.13: aten._fused_sgd_ has no DTensor sharding rule (Adam's and AdamW's have).
         return (rf"optim\.impl=fused with optim\.name={name} and strategy=fsdp: torch \S+ has no DTensor sharding "

@@ -20,7 +20,7 @@ from helpers import ROOT, check, run, write_config
 
 SHARDED_WORKER = Path(__file__).resolve().parent / "test_sharded.py"
 
-# Odd dim 0 almost everywhere (qkv 27 rows, proj and LayerNorms 9, positions 7) and an odd
+# Odd dim 0 almost everywhere (q, k, v, proj and LayerNorms 9 rows, positions 7) and an odd
 # total (4,563): FSDP's last rank holds fewer rows, ZeRO pads its flat buffers and partitions.
 GPT_ODD = {"name": "recipes.gpt", "n_layer": 2, "n_head": 1, "d_model": 9, "seq_len": 7, "max_chars": 6000}
 TIED_ODD = {"name": "toy_recipes.tied", "vocab": 25, "hidden": 31}

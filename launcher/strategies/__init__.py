@@ -14,9 +14,11 @@ STRATEGIES = {
 }
 
 
-def resolve_name(name: str, world_size: int) -> str:
+def resolve_name(name: str, world_size: int, tp: int = 1) -> str:
+    """auto: single for one process, ddp for several; with tensor parallelism (tp > 1) fsdp, which
+    shards over the data-parallel ranks (a mesh of one when tp is the whole world)."""
     if name == "auto":
-        return "single" if world_size == 1 else "ddp"
+        return "fsdp" if tp > 1 else "single" if world_size == 1 else "ddp"
     return name
 
 

@@ -52,6 +52,10 @@ class Strategy:
         if cfg.fsdp.replicate != 1:
             raise ConfigError(f"fsdp.replicate={cfg.fsdp.replicate} (HSDP) needs strategy=fsdp, and this run's "
                               f"strategy is {cls.name}: set strategy=fsdp, or leave fsdp.replicate out")
+        if cfg.tp.size > 1:
+            raise ConfigError(f"tp.size={cfg.tp.size} (tensor parallelism) needs strategy=fsdp (or auto), which "
+                              f"shards over the data-parallel ranks, and this run's strategy is {cls.name}: set "
+                              "strategy=fsdp, or tp.size=1")
 
     # ------------------------------------------------------------ set-up
 

@@ -72,26 +72,46 @@ class FSDPStrategy(Strategy):
         return True
 
     def setup(self, model: nn.Module, make_optimizer, source=None):
-        """Shard the skeleton, then give each rank's shards memory and their initial values (no process
-        but rank 0 ever holds the whole model, and that only in host memory; with the recipe's
-        init_weights, none does). With cpu_offload the shards live on the host."""
-        self.model = self.wrap(self.prepare(model))
+        """Split the skeleton's layers over the TP group (tp.size > 1), shard it over the data-parallel
+        ranks, then give each rank's shards memory and their initial values (no process but rank 0
+        ever holds the whole model, and that only in host memory; with the recipe's init_weights,
+        none does). With cpu_offload the shards live on the host."""
+        mesh = self.device_mesh()
+        if self.cfg.tp.size > 1:
+            from ..tensor_parallel import plan_of, split_layers
+
+            split_layers(model, plan_of(source.recipe, model), mesh["tp"])
+        self.model = self.wrap(self.prepare(model), mesh)
         source.fill(self.model, params_on=torch.device("cpu") if self.cfg.fsdp.cpu_offload else None)
         self.optimizer, schedule = make_optimizer(self.model)
         return schedule
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def device_mesh(self):
+        """The ranks as (replicate, shard, tp), tp innermost so that a TP group is consecutive ranks (one
+        node): without tp.size a 1-D mesh (FSDP) or (replicate, shard) (HSDP)."""
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
         ensure_process_group(self.device)
-        world = dist.get_world_size()
-        replicas = replica_groups(self.cfg.fsdp.replicate, world, self.env.local_world_size)
+        tp = self.cfg.tp.size
+        data = dist.get_world_size() // tp
+        replicas = replica_groups(self.cfg.fsdp.replicate, data, max(1, self.env.local_world_size // tp))
+        if tp > 1:
+            mesh = init_device_mesh(self.device.type, (replicas, data // replicas, tp),
+                                    mesh_dim_names=("replicate", "shard", "tp"))
+            # The gradient norm sums over every dimension at once: one all-reduce over the flattened mesh
+            # rather than one per dimension.
+            mesh["replicate", "shard", "tp"]._flatten("all")
+            return mesh
         if replicas > 1:  # HSDP: shard inside each row of the mesh, all-reduce down its columns
-            mesh = init_device_mesh(self.device.type, (replicas, world // replicas),
+            return init_device_mesh(self.device.type, (replicas, data // replicas),
                                     mesh_dim_names=("replicate", "shard"))
-        else:
-            mesh = init_device_mesh(self.device.type, (world,))
+        return init_device_mesh(self.device.type, (data,))
+
+    def wrap(self, model: nn.Module, mesh) -> nn.Module:
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+        if self.cfg.tp.size > 1:  # FSDP over the data-parallel dimensions; the TP DTensors become 2-D (3-D)
+            mesh = mesh["replicate", "shard"] if mesh["replicate"].size() > 1 else mesh["shard"]
         options = dict(
             mesh=mesh,
             reshard_after_forward=self.cfg.fsdp.reshard_after_forward,
