@@ -151,6 +151,8 @@ class DeepSpeedConfig(Section):
 class TPConfig(Section):
     size: int = Field(1, ge=1, description="tensor parallelism: the layers of the model's TP plan split over this "
                       "many ranks (inside a node); the data-parallel ranks are world / size")
+    sequence_parallel: bool = Field(False, description="the activations between split layers split by sequence "
+                                    "too (the plan's norms compute on a part each)")
 
 
 class Float8Config(Section):

@@ -75,6 +75,9 @@ def check_tensor_parallel(cfg: Config, recipe: Recipe, world_size: int, local_wo
     """tp.size against the world and the model's TP plan; returns the data-parallel size, world / tp."""
     tp = cfg.tp.size
     if tp == 1:
+        if cfg.tp.sequence_parallel:
+            raise ConfigError("tp.sequence_parallel=true splits the activations over a TP group, and tp.size is 1: set "
+                              "tp.size to 2 or more, or tp.sequence_parallel=false")
         return world_size
     if world_size % tp:
         raise ConfigError(f"tp.size={tp} does not divide the world size {world_size}: the ranks form groups of "
@@ -88,7 +91,7 @@ def check_tensor_parallel(cfg: Config, recipe: Recipe, world_size: int, local_wo
     from .tensor_parallel import plan_of, resolve
 
     model = unwrap_lightning(recipe.check_model())
-    resolve(plan_of(recipe, model), model, tp)
+    resolve(plan_of(recipe, model), model, tp, cfg.tp.sequence_parallel)
     return world_size // tp
 
 

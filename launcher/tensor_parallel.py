@@ -9,7 +9,16 @@ The plan maps module names (fnmatch globs: `blocks.*.attn.q`) to a style:
   this rank's columns, its output summed over the ranks (an all-reduce);
 - "colwise_gather_output" (or transformers' older "colwise_rep"): colwise with the whole output
   gathered, for a head whose logits the loss reads whole;
+- "sequence_parallel": with tp.sequence_parallel, a module (a norm) that computes on this rank's
+  part of the sequence (torch's SequenceParallel); without it, replicated like any other;
+- "sequence_start": with tp.sequence_parallel, the module whose input, whole on every rank, is split
+  by sequence from there on (the first block, after embeddings); without it, nothing;
 - a torch ParallelStyle, as it is.
+
+With tp.sequence_parallel the activations between the split layers are split by sequence (dim 1):
+colwise layers all-gather their input from the sequence parts, rowwise layers reduce-scatter their
+output into them (Megatron's sequence parallelism: the norms' activations and work divided by N,
+the same communication volume).
 
 It comes from the recipe's `tp_plan(model)`, else from a transformers model's own plan
 (`config.base_model_tp_plan` under the base model's prefix, and the model class's `_tp_plan`).
@@ -26,7 +35,8 @@ from torch import nn
 
 from .errors import ConfigError
 
-STYLE_NAMES = ("colwise", "rowwise", "colwise_gather_output", "colwise_rep")
+STYLE_NAMES = ("colwise", "rowwise", "colwise_gather_output", "sequence_parallel", "sequence_start", "colwise_rep")
+SPLITTING = ("colwise", "rowwise", "colwise_gather_output", "colwise_rep")  # a Linear's or an Embedding's weights
 HEAD_COUNTS = ("n_head", "num_heads", "num_attention_heads", "num_key_value_heads", "n_kv_heads", "n_kv_head")
 
 
@@ -65,7 +75,7 @@ def transformers_plan(model: nn.Module) -> dict:
     return {**base, **head}
 
 
-def resolve(plan: dict, model: nn.Module, tp: int) -> dict[str, object]:
+def resolve(plan: dict, model: nn.Module, tp: int, sequence_parallel: bool = False) -> dict[str, object]:
     """{module name: style} for every module a plan entry names, checked: an entry that names no module,
     a style that is not known, a module that is not a Linear or an Embedding for a named style, a width
     that does not split into tp parts, and head counts that do not, are bad input."""
@@ -81,13 +91,20 @@ def resolve(plan: dict, model: nn.Module, tp: int) -> dict[str, object]:
                 check_split(name, named[name], style, tp)
             out[name] = style
     check_heads(model, tp)
+    if sequence_parallel and "sequence_parallel" not in out.values():
+        raise ConfigError("tp.sequence_parallel=true needs the TP plan to name the modules that compute on a part of "
+                          "the sequence ('sequence_parallel': the norms) and where the split starts "
+                          "('sequence_start'), and this plan names none: add them to tp_plan(model), or set "
+                          "tp.sequence_parallel=false")
     return out
 
 
 def check_split(name: str, module: nn.Module, style: str, tp: int) -> None:
     if style not in STYLE_NAMES:
-        raise ConfigError(f"the TP plan gives `{name}` the style `{style}`: use one of {', '.join(STYLE_NAMES[:3])} "
+        raise ConfigError(f"the TP plan gives `{name}` the style `{style}`: use one of {', '.join(STYLE_NAMES[:5])} "
                           "or a torch.distributed.tensor.parallel ParallelStyle")
+    if style not in SPLITTING:
+        return
     if isinstance(module, nn.Linear):
         width, what = (module.out_features, "output features") if style != "rowwise" else \
             (module.in_features, "input features")
@@ -113,28 +130,36 @@ def check_heads(model: nn.Module, tp: int) -> None:
                                   "rank computes whole attention heads; use a tp.size that divides it")
 
 
-def styles(resolved: dict[str, object], model: nn.Module) -> dict[str, object]:
-    """torch ParallelStyles for the resolved plan."""
-    from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+def styles(resolved: dict[str, object], model: nn.Module, sequence_parallel: bool = False) -> dict[str, object]:
+    """torch ParallelStyles for the resolved plan; with sequence_parallel the activations between split
+    layers are split on dim 1 (Shard(1)) instead of whole."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                                   SequenceParallel)
 
+    between = Shard(1) if sequence_parallel else Replicate()  # the layout of activations between split layers
     out = {}
     named = dict(model.named_modules())
     for name, style in resolved.items():
         if not isinstance(style, str):
             out[name] = style
+        elif style in ("sequence_parallel", "sequence_start"):
+            if sequence_parallel:
+                out[name] = (SequenceParallel() if style == "sequence_parallel" else
+                             PrepareModuleInput(input_layouts=Replicate(), desired_input_layouts=Shard(1),
+                                                use_local_output=True))
         elif style == "colwise":
-            out[name] = ColwiseParallel()
+            out[name] = ColwiseParallel(input_layouts=between)
         elif style in ("colwise_gather_output", "colwise_rep"):
-            out[name] = ColwiseParallel(output_layouts=Replicate())
+            out[name] = ColwiseParallel(input_layouts=between, output_layouts=Replicate())
         elif isinstance(named[name], nn.Embedding):  # rowwise: the token ids arrive whole
             out[name] = RowwiseParallel(input_layouts=Replicate())
         else:
-            out[name] = RowwiseParallel()
+            out[name] = RowwiseParallel(output_layouts=between)
     return out
 
 
-def split_layers(model: nn.Module, plan: dict, tp_mesh) -> nn.Module:
+def split_layers(model: nn.Module, plan: dict, tp_mesh, sequence_parallel: bool = False) -> nn.Module:
     """Apply the plan over tp_mesh, in place (the model may be on the meta device), then replicate every
     parameter the plan left out; tied parameters stay tied."""
     import warnings
@@ -145,8 +170,8 @@ def split_layers(model: nn.Module, plan: dict, tp_mesh) -> nn.Module:
     # returns. The loop makes none (losses read the output), so the warning would only be noise.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(.*\) returned a view tensor")
     ties = tied_names(model)
-    resolved = resolve(plan, model, tp_mesh.size())
-    parallelize_module(model, tp_mesh, styles(resolved, model))
+    resolved = resolve(plan, model, tp_mesh.size(), sequence_parallel)
+    parallelize_module(model, tp_mesh, styles(resolved, model, sequence_parallel))
     for module in model.modules():
         if any(p is not None and not is_dtensor(p) for p in module._parameters.values()):
             replicate(module, tp_mesh)
@@ -221,7 +246,7 @@ def local_shapes(model: nn.Module, resolved: dict[str, object], tp: int) -> dict
     out = {}
     for name, style in resolved.items():
         module = model.get_submodule(name)
-        if not isinstance(style, str):
+        if style not in SPLITTING:  # a ParallelStyle object, or a sequence-parallel entry: nothing split
             continue
         weight, bias = module.weight, getattr(module, "bias", None)
         rowwise = style == "rowwise"

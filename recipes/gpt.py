@@ -317,9 +317,14 @@ def model(cfg: Config) -> nn.Module:
 def tp_plan(model: GPT) -> dict:
     """Tensor parallelism (tp.size): each rank holds whole heads of q, k and v and the matching columns
     of proj (Megatron's split: one all-reduce after attention, one after the MLP), the MLP's hidden
-    features, and a part of the vocabulary in the embedding and the head (tied: both split the rows)."""
+    features, and a part of the vocabulary in the embedding and the head (tied: both split the rows).
+    With tp.sequence_parallel the LayerNorms compute on a part of the sequence each, from the first
+    block on (the position embedding is added whole)."""
     return {
         "tok_emb": "rowwise",
+        "blocks.0": "sequence_start",
+        "blocks.*.ln[12]": "sequence_parallel",
+        "ln_f": "sequence_parallel",
         "blocks.*.attn.[qkv]": "colwise",
         "blocks.*.attn.proj": "rowwise",
         "blocks.*.mlp.0": "colwise",

@@ -154,10 +154,15 @@ def nproc2(*overrides, **sections) -> Callable[[Ctx], list]:
 
 def tiny_gpt(*args, **recipe) -> Callable[[Ctx], list]:
     """`run CONFIG ARGS` of a tiny recipes.gpt (it has a TP plan) on the quick config's batch sizes."""
+    return tiny({"name": "recipes.gpt", "n_layer": 1, "n_head": 2, "d_model": 16, "seq_len": 16,
+                 "max_chars": 20000, **recipe}, *args)
+
+
+def tiny(recipe: dict, *args) -> Callable[[Ctx], list]:
+    """`run CONFIG ARGS` of `recipe` on the quick config's batch sizes."""
     def make(c: Ctx):
         config = digits_config(c.run_dir, train={"micro_batch_size": 32})
-        config["recipe"] = {"name": "recipes.gpt", "n_layer": 1, "n_head": 2, "d_model": 16, "seq_len": 16,
-                            "max_chars": 20000, **recipe}
+        config["recipe"] = recipe
         return ["run", write_config(c.tmp / "c.yaml", config), *args]
     return make
 
@@ -422,6 +427,12 @@ CASES = [
          ("n_head=3", "tp.size=2")),
     Case("tp-width-does-not-split", tiny_gpt("tp.size=2", "--nproc", 2, n_head=1, d_model=15),
          ("`blocks.0.attn.q` has 15 output features", "tp.size=2")),
+    Case("tp-sequence-parallel-without-a-plan-for-it",
+         tiny({"name": "toy_recipes.wild_hf", "arch": "llama", "n_head": 2, "d_model": 16}, "tp.size=2",
+              "tp.sequence_parallel=true", "--nproc", 2),
+         ("tp.sequence_parallel=true needs the TP plan to name", "'sequence_parallel'")),
+    Case("tp-sequence-parallel-without-tp", nproc2("tp.sequence_parallel=true"),
+         ("tp.sequence_parallel=true", "tp.size is 1")),
     Case("tp-elastic", tiny_gpt("tp.size=2", "--nproc", 2, "--nnodes", "1:2", "--rdzv-endpoint", "127.0.0.1:29555"),
          ("tp.size=2 cannot run elastic",)),
     # ------------------------------------------------------------ float8

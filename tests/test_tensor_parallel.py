@@ -2,9 +2,9 @@
 
 - slow: per-step losses and validation of `--nproc 2 tp.size=2` (pure TP: FSDP over a
   data-parallel mesh of one) and of `--nproc 4 strategy=fsdp tp.size=2` (FSDP2 x TP, accumulation
-  2, clipping) equal one process's, for recipes.gpt (its tp_plan; init_weights on each rank's
+  2, clipping; with tp.sequence_parallel too) equal one process's, for recipes.gpt (its tp_plan; init_weights on each rank's
   shards) and for a transformers Llama built from a config (the plan it ships; rank 0's copy);
-  a checkpoint resumes at another layout (tp 2 -> fsdp 2, fsdp 2 x tp 2 -> tp 2) with the
+  a checkpoint resumes at another layout (tp 2 -> fsdp 2, fsdp 4 -> fsdp 2 x tp 2) with the
   uninterrupted run's losses; `launcher export` of a TP run loads strictly into the plain model
   and holds one process's weights; bf16 (with activation checkpointing) and fp16 (with cpu_offload
   and fused Adam) train; `launcher plan`'s fsdp row is what each of 4 ranks holds under FSDP x TP.
@@ -53,14 +53,17 @@ RUNS = {
     "gpt_1": (GPT, 1, [], None),
     "gpt_tp2": (GPT, 2, ["tp.size=2"], None),
     "gpt_fsdp2_tp2": (GPT, 4, ["strategy=fsdp", "tp.size=2"], None),
+    "gpt_fsdp2_tp2_sp": (GPT, 4, ["strategy=fsdp", "tp.size=2", "tp.sequence_parallel=true"], None),
     "gpt_tp2_then_fsdp2": (GPT, 2, ["strategy=fsdp"], ("gpt_tp2", SAVED_AT)),
-    "gpt_fsdp2_tp2_then_tp2": (GPT, 2, ["tp.size=2"], ("gpt_fsdp2_tp2", SAVED_AT)),
+    "gpt_fsdp4": (GPT, 4, ["strategy=fsdp"], None),
+    "gpt_fsdp4_then_fsdp2_tp2": (GPT, 4, ["strategy=fsdp", "tp.size=2"], ("gpt_fsdp4", SAVED_AT)),
     # The other precisions, and cpu_offload, activation checkpointing and fused Adam beside them (one run each)
     "gpt_tp2_bf16": (GPT, 2, ["tp.size=2", "precision=bf16", "train.activation_checkpointing=true"], None),
     "gpt_tp2_fp16": (GPT, 2, ["tp.size=2", *FP16], None),
     "gpt_fsdp2_fp16": (GPT, 2, ["strategy=fsdp", *FP16], None),
     "llama_1": (LLAMA, 1, [], None),
     "llama_tp2": (LLAMA, 2, ["tp.size=2"], None),
+    "llama_fsdp2_tp2": (LLAMA, 4, ["strategy=fsdp", "tp.size=2"], None),
 }
 
 
@@ -104,7 +107,8 @@ def compare(reference: Path, run_dir: Path, first_step: int = 1) -> tuple[float,
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,reference", [("gpt_tp2", "gpt_1"), ("gpt_fsdp2_tp2", "gpt_1"),
-                                            ("llama_tp2", "llama_1")])
+                                            ("gpt_fsdp2_tp2_sp", "gpt_1"), ("llama_tp2", "llama_1"),
+                                            ("llama_fsdp2_tp2", "llama_1")])
 def test_tensor_parallel_trains_as_one_process(runs, name, reference):
     loss_rel, val_rel = compare(runs.get(reference), runs.get(name))
     print(f"{name} vs one process: max relative difference loss {loss_rel:.2e}, val_loss {val_rel:.2e}")
@@ -129,7 +133,7 @@ def test_tensor_parallel_trains_in_every_precision(runs, name, reference, rtol):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["gpt_tp2_then_fsdp2", "gpt_fsdp2_tp2_then_tp2"])
+@pytest.mark.parametrize("name", ["gpt_tp2_then_fsdp2", "gpt_fsdp4_then_fsdp2_tp2"])
 def test_a_checkpoint_resumes_at_another_layout(runs, name):
     """DCP reshards the saved DTensors into the new layout; the run goes on as the uninterrupted one."""
     run_dir = runs.get(name)
@@ -212,7 +216,10 @@ def test_the_gpt_plan_splits_attention_mlp_embedding_and_head():
                             ("attn.proj", "rowwise"), ("mlp.0", "colwise"), ("mlp.2", "rowwise")):
             assert resolved[f"blocks.{block}.{name}"] == style
     assert resolved["tok_emb"] == "rowwise" and resolved["head"] == "colwise_gather_output"
-    assert len(resolved) == 6 * GPT["n_layer"] + 2
+    for name in ("ln_f", *(f"blocks.{b}.ln{i}" for b in range(GPT["n_layer"]) for i in (1, 2))):
+        assert resolved[name] == "sequence_parallel"
+    assert resolved["blocks.0"] == "sequence_start"
+    assert len(resolved) == 8 * GPT["n_layer"] + 4
 
 
 def test_a_transformers_model_brings_its_own_plan():

@@ -80,7 +80,7 @@ class FSDPStrategy(Strategy):
         if self.cfg.tp.size > 1:
             from ..tensor_parallel import plan_of, split_layers
 
-            split_layers(model, plan_of(source.recipe, model), mesh["tp"])
+            split_layers(model, plan_of(source.recipe, model), mesh["tp"], self.cfg.tp.sequence_parallel)
         self.model = self.wrap(self.prepare(model), mesh)
         source.fill(self.model, params_on=torch.device("cpu") if self.cfg.fsdp.cpu_offload else None)
         self.optimizer, schedule = make_optimizer(self.model)
