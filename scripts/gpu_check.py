@@ -29,6 +29,9 @@ The checks, in the order they run:
   setup_memory    (m) the set-up peak CUDA memory of the 350M model under fsdp against `launcher plan`
   float8          (n) precision=float8 (torchao) against bf16 on the 350M model: step time, MFU and the loss
                       after the same steps (within 3%); where torchao can be imported
+  tp_mesh         (o) tensor parallelism's code on this device: recipes.gpt split by its TP plan (with
+                      sequence parallelism) over a TP mesh of one rank gives the unsplit model's loss
+                      and gradients
 
 Figures come from what launcher writes (RUN_DIR/metrics.jsonl rows: loss, tokens_per_s, mfu,
 step_time, mem_max_allocated_gib) or are measured around a call. A row's rates cover the
@@ -50,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime
 import functools
 import gc
@@ -116,6 +120,7 @@ SIZES = {
         "offload_nan": Size(GPT_SMALL, batch=8, steps=6, log_every=1, lr=3e-4),
         "setup_memory": Size(GPT_350M, batch=8, steps=2, log_every=1, lr=3e-4),
         "float8": Size(GPT_350M, batch=16, steps=30, log_every=10, lr=3e-4),
+        "tp_mesh": Size(GPT_SMALL, batch=8, steps=1, log_every=1, lr=3e-4),
     },
     "smoke": {  # the same runs at a size the CPU trains in a second or two
         "bf16": Size(TINY, batch=8, steps=6, log_every=2, lr=3e-3),
@@ -133,6 +138,7 @@ SIZES = {
         "offload_nan": Size(TINY, batch=8, steps=6, log_every=1, lr=3e-3),
         "setup_memory": Size(TINY, batch=8, steps=2, log_every=1, lr=3e-3),
         "float8": Size(TINY, batch=8, steps=6, log_every=2, lr=3e-3),
+        "tp_mesh": Size(TINY, batch=8, steps=1, log_every=1, lr=3e-3),
     },
 }
 BUDGET_S = {"gpu": 450, "smoke": 200}  # no check starts after this; subprocesses stop a minute later
@@ -794,6 +800,41 @@ def check_float8(ctx: Context) -> dict:
     return figures
 
 
+def check_tp_mesh(ctx: Context) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from launcher.env import ensure_process_group
+    from launcher.tensor_parallel import split_layers
+    from recipes import gpt
+
+    size = ctx.sizes["tp_mesh"]
+    cfg = gpt.Config(**size.model)
+    ensure_process_group(ctx.device)
+    torch.manual_seed(SEED)
+    with torch.device(ctx.device):
+        plain = gpt.model(cfg)
+    split = copy.deepcopy(plain)
+    mesh = init_device_mesh(ctx.device.type, (1,), mesh_dim_names=("tp",))
+    split_layers(split, gpt.tp_plan(split), mesh, sequence_parallel=True)
+    x = torch.randint(0, cfg.vocab_size, (size.batch, cfg.seq_len), device=ctx.device)
+    y = torch.randint(0, cfg.vocab_size, (size.batch, cfg.seq_len), device=ctx.device)
+    losses = []
+    for model in (plain, split):
+        total, count = gpt.loss(model, (x, y))
+        (total / count).backward()
+        losses.append(float(total) / count)
+    grads = {name: p.grad for name, p in plain.named_parameters()}
+    worst = max(float((g.full_tensor() if hasattr(g, "full_tensor") else g).sub(grads[name]).abs().max())
+                for name, g in ((n, p.grad) for n, p in split.named_parameters()))
+    figures = {"loss": losses[0], "loss_diff": abs(losses[1] - losses[0]), "grad_max_abs_diff": worst,
+               "dtensor_params": sum(hasattr(p, "full_tensor") for p in split.parameters())}
+    expect(figures["dtensor_params"] == len(list(split.parameters())), "a parameter is not a DTensor", figures)
+    expect(figures["loss_diff"] <= 1e-5 * abs(losses[0]) and worst <= 1e-5,
+           "the split model's loss or gradients differ from the plain model's", figures)
+    del plain, split
+    return figures
+
+
 CHECKS = {
     "bf16": check_bf16,
     "compile": check_compile,
@@ -810,6 +851,7 @@ CHECKS = {
     "offload_nan": check_offload_nan,
     "setup_memory": check_setup_memory,
     "float8": check_float8,
+    "tp_mesh": check_tp_mesh,
 }
 
 

@@ -5,8 +5,9 @@ from helpers import References
 
 # The files that take a minute or more (`--durations`), started first: two workers (pyproject's addopts,
 # whole files each) then end together instead of one running the longest file alone at the end.
-LONGEST_FIRST = ["test_slurm.py", "test_elastic.py", "test_distributed.py", "test_checkpoint.py", "test_sharded.py",
-                 "test_memory.py", "test_wild.py", "test_faults.py"]
+LONGEST_FIRST = ["test_slurm.py", "test_elastic.py", "test_tensor_parallel.py", "test_distributed.py",
+                 "test_checkpoint.py", "test_sharded.py", "test_memory.py", "test_float8.py", "test_wild.py",
+                 "test_faults.py"]
 
 
 def pytest_collection_modifyitems(items):

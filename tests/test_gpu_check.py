@@ -14,7 +14,7 @@ import pytest
 from helpers import ROOT, worker_env
 
 CHECKS = ["bf16", "compile", "fp16", "activation_ckpt", "plan_memory", "async_ckpt", "export", "ddp", "fsdp",
-          "fsdp_offload", "zero2", "sync_debug", "offload_nan", "setup_memory", "float8"]
+          "fsdp_offload", "zero2", "sync_debug", "offload_nan", "setup_memory", "float8", "tp_mesh"]
 NEED_CUDA = {"plan_memory", "setup_memory"}  # compare CUDA's allocator with the plan: nothing to compare on the CPU
 
 
@@ -57,6 +57,7 @@ def test_smoke_figures_are_sane(smoke):
     resume = checks["async_ckpt"]
     assert resume["resume_first_loss_diff"] == 0 and resume["resume_loss_diff"] == 0  # an exact resume
     assert resume["sync_blocks_s"] > 0
+    assert checks["tp_mesh"]["loss_diff"] == 0 and checks["tp_mesh"]["grad_max_abs_diff"] == 0  # the same kernels
     assert checks["export"]["tensors"] > 0 and checks["export"]["file_mb"] > 0  # strict load passed
     assert {checks[n]["backend"] for n in ("ddp", "fsdp", "fsdp_offload")} == {"gloo"}
     assert report["checks"]["plan_memory"]["figures"]["plan_total_gib"] > 0
