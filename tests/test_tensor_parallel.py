@@ -14,7 +14,9 @@
 """
 from __future__ import annotations
 
+import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,26 +69,53 @@ RUNS = {
 
 
 class Runs:
-    """Each run trained once, on first use, for the module; a failed launch is reported by every test."""
+    """Each run trained once, on first use, for the module; a failed launch is reported by every test.
+    The 4-process runs train one after another in one launch of test_sharded.py's worker (the real
+    Trainer; 4 processes start once, not once a run)."""
 
     def __init__(self, root: Path):
         self.root, self.done = root, {}
 
     def get(self, name: str) -> Path:
         if name not in self.done:
-            self.done[name] = outcome(lambda: self.train(name))
-        return reraise(self.done[name])
+            if RUNS[name][1] == 4:
+                result = outcome(self.train_four)
+                self.done.update({n: result for n, spec in RUNS.items() if spec[1] == 4})
+            else:
+                self.done[name] = outcome(lambda: self.train(name))
+        done = reraise(self.done[name])
+        return done[0] / name if isinstance(done, tuple) else done
 
-    def train(self, name: str) -> Path:
-        recipe, nproc, overrides, resumed_from = RUNS[name]
-        run_dir = self.root / name
+    def config(self, name: str) -> dict:
+        from launcher.config import parse_override, set_dotted
+
+        recipe, _, overrides, resumed_from = RUNS[name]
         sections = {}
         if resumed_from is not None:
             source, step = resumed_from
             sections["checkpoint"] = {"resume": str(self.get(source) / "checkpoints" / f"step_{step:06d}")}
-        path = write_config(self.root / f"{name}.yaml", config(run_dir, recipe, **sections))
-        check(run(["run", path, *overrides, *(["--nproc", nproc] if nproc > 1 else [])], timeout=600))
-        return run_dir
+        cfg = config(self.root / name, recipe, **sections)
+        for item in overrides:
+            set_dotted(cfg, *parse_override(item))
+        return cfg
+
+    def train(self, name: str) -> Path:
+        nproc = RUNS[name][1]
+        check(run(["run", write_config(self.root / f"{name}.yaml", self.config(name)),
+                   *(["--nproc", nproc] if nproc > 1 else [])], timeout=600))
+        return self.root / name
+
+    def train_four(self) -> tuple[Path, dict]:
+        jobs = [{"job": name, "config": self.config(name)} for name, spec in RUNS.items() if spec[1] == 4]
+        spec = self.root / "four.json"
+        spec.write_text(json.dumps({"out": str(self.root), "jobs": jobs}))
+        prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4"]
+        check(run([Path(__file__).with_name("test_sharded.py"), spec], prefix=prefix, timeout=600))
+        return self.root, json.loads((self.root / "results.json").read_text())
+
+    def results(self, name: str) -> dict:
+        self.get(name)
+        return reraise(self.done[name])[1][name]
 
 
 @pytest.fixture(scope="module")
@@ -167,23 +196,15 @@ def test_export_of_a_tensor_parallel_run_is_the_plain_model(runs, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_plan_states_what_each_rank_holds(tmp_path):
+def test_the_plan_states_what_each_rank_holds(runs):
     """`launcher plan`'s fsdp row for FSDP 2 x TP 2 is what each of the 4 ranks holds (test_sharded.py's
     worker counts each rank's local elements of the parameters and the optimizer state)."""
-    import json
-    import sys
-
     from launcher.config import validate
     from launcher.plan import ROWS, setup
     from launcher.recipe import Recipe
 
-    cfg = config(tmp_path / "run", GPT, strategy="fsdp", tp={"size": 2}, train={"max_steps": 1})
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"out": str(tmp_path), "jobs": [{"job": "fsdp_tp", "config": cfg}]}))
-    prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4"]
-    check(run([Path(__file__).with_name("test_sharded.py"), spec], prefix=prefix, timeout=600))
-    measured = json.loads((tmp_path / "results.json").read_text())["fsdp_tp"]["local_numel"]
-    checked = validate(cfg, "test")
+    measured = runs.results("gpt_fsdp2_tp2")["local_numel"]
+    checked = validate(runs.config("gpt_fsdp2_tp2"), "test")
     planned = ROWS["fsdp"][1](setup(checked, Recipe.load(checked.recipe), 4)).ranks
     print(f"fsdp 2 x tp 2, elements per rank: measured {measured}, planned "
           f"{[(r.params.elements, r.optim.elements) for r in planned]}")
