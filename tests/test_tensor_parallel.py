@@ -2,7 +2,7 @@
 
 - slow: per-step losses and validation of `--nproc 2 tp.size=2` (pure TP: FSDP over a
   data-parallel mesh of one) and of `--nproc 4 strategy=fsdp tp.size=2` (FSDP2 x TP, accumulation
-  2, clipping; with tp.sequence_parallel too) equal one process's, for recipes.gpt (its tp_plan; init_weights on each rank's
+  2, clipping; with tp.sequence_parallel too; and HSDP x TP, the 3-D mesh) equal one process's, for recipes.gpt (its tp_plan; init_weights on each rank's
   shards) and for a transformers Llama built from a config (the plan it ships; rank 0's copy);
   a checkpoint resumes at another layout (tp 2 -> fsdp 2, tp 2 -> fsdp 2 x tp 2) with the
   uninterrupted run's losses; `launcher export` of a TP run loads strictly into the plain model
@@ -56,6 +56,7 @@ RUNS = {
     "gpt_tp2": (GPT, 2, ["tp.size=2"], None),
     "gpt_fsdp2_tp2": (GPT, 4, ["strategy=fsdp", "tp.size=2"], None),
     "gpt_fsdp2_tp2_sp": (GPT, 4, ["strategy=fsdp", "tp.size=2", "tp.sequence_parallel=true"], None),
+    "gpt_hsdp2_tp2": (GPT, 4, ["strategy=fsdp", "fsdp.replicate=2", "tp.size=2"], None),  # the 3-D mesh
     "gpt_tp2_then_fsdp2": (GPT, 2, ["strategy=fsdp"], ("gpt_tp2", SAVED_AT)),
     "gpt_tp2_then_fsdp2_tp2": (GPT, 4, ["strategy=fsdp", "tp.size=2"], ("gpt_tp2", SAVED_AT)),
     # The other precisions, and cpu_offload, activation checkpointing and fused Adam beside them (one run each)
@@ -135,7 +136,8 @@ def compare(reference: Path, run_dir: Path, first_step: int = 1) -> tuple[float,
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,reference", [("gpt_tp2", "gpt_1"), ("gpt_fsdp2_tp2", "gpt_1"),
-                                            ("gpt_fsdp2_tp2_sp", "gpt_1"), ("llama_tp2", "llama_1"),
+                                            ("gpt_fsdp2_tp2_sp", "gpt_1"), ("gpt_hsdp2_tp2", "gpt_1"),
+                                            ("llama_tp2", "llama_1"),
                                             ("llama_fsdp2_tp2", "llama_1")])
 def test_tensor_parallel_trains_as_one_process(runs, name, reference):
     loss_rel, val_rel = compare(runs.get(reference), runs.get(name))
