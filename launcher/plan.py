@@ -451,7 +451,7 @@ def summarize(cfg, recipe) -> Model:
     index = {id(p): i for i, p in enumerate(tensors)}
     total_names = len(list(model.named_parameters(remove_duplicate=False)))
     if "optim" not in recipe.replaces():
-        k = states_for(cfg)
+        k = (1 if cfg.optim.momentum else 0) if cfg.optim.name == "sgd" else 2
         groups = [([i for i, p in enumerate(params) if p.trainable], k)]
         what = f"the config (optim.name={cfg.optim.name}, lr={cfg.optim.lr})"
         return Model(params, groups, f"{what}: {describe_states(k)}", total_names, whole)
@@ -473,11 +473,6 @@ def summarize(cfg, recipe) -> Model:
         return Model(params, groups, f"{source}: {name}, whose state is unknown, not counted", total_names, whole)
     per = describe_states(ks.pop()) if len(ks) == 1 else "per group " + ", ".join(str(k) for _, k in groups)
     return Model(params, groups, f"{source}: {name}, {len(groups)} group(s), {per}", total_names, whole)
-
-
-def states_for(cfg) -> int:
-    """State tensors per element of the config's optimizer."""
-    return (1 if cfg.optim.momentum else 0) if cfg.optim.name == "sgd" else 2
 
 
 def states_per_element(optimizer, group: dict) -> int | None:

@@ -109,11 +109,15 @@ def digits_config(run_dir: Path, **sections) -> dict:
                   "seed": 0},
         "optim": {"name": "adamw", "lr": 3e-3},
     }
+    return with_sections(config, sections)
+
+
+def with_sections(config: dict, sections: dict) -> dict:
+    """config with `sections` applied, in place: a mapping merged into the section it names, anything else
+    replacing the key."""
     for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(config.get(key), dict):
-            config[key] = {**config[key], **value}
-        else:
-            config[key] = value
+        merge = isinstance(value, dict) and isinstance(config.get(key), dict)
+        config[key] = {**config[key], **value} if merge else value
     return config
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import check, max_rel, metrics, outcome, reraise, run, write_config
+from helpers import check, max_rel, metrics, outcome, reraise, run, with_sections, write_config
 
 pytest.importorskip("torchao.float8", reason="torchao (launcher[float8]) cannot be imported here")
 
@@ -40,9 +40,7 @@ def config(run_dir: Path, **sections) -> dict:
         "optim": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.01},
         "checkpoint": {"every_steps": SAVED_AT, "keep_last": 5},
     }
-    for key, value in sections.items():
-        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value
-    return cfg
+    return with_sections(cfg, sections)
 
 
 # name: (processes, overrides, resumed from (run, step) or None)

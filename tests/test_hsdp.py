@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import ROOT, check, losses, max_rel, metrics, outcome, reraise, run, worker_env, write_config
+from helpers import (ROOT, check, losses, max_rel, metrics, outcome, reraise, run, with_sections, worker_env,
+                     write_config)
 from test_checkpoint import by_step, start_from_checkpoint, weights
 
 SHARDED_WORKER = Path(__file__).resolve().parent / "test_sharded.py"
@@ -53,9 +54,7 @@ def config(run_dir: Path, strategy: str = "fsdp", replicate: int | str = 1, **se
         "schedule": {"warmup_steps": 2, "decay": "cosine", "min_lr_ratio": 0.1},
         "checkpoint": {"every_steps": SAVED_AT, "keep_last": 5},
     }
-    for key, value in sections.items():
-        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value
-    return cfg
+    return with_sections(cfg, sections)
 
 
 def plan_rows(cfg: dict, world: int):

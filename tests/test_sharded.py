@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import check, losses, max_rel, metrics, outcome, reraise, run, write_config
+from helpers import check, losses, max_rel, metrics, outcome, reraise, run, with_sections, write_config
 
 pytestmark = pytest.mark.slow  # multi-process: the full suite, not the fast tier
 
@@ -94,9 +94,7 @@ def config_for(name: str, run_dir: Path, recipe: dict | None = None, **sections)
         "checkpoint": {"every_steps": 10, "resume": "never"},
         **extra,
     }
-    for key, value in sections.items():
-        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value
-    return cfg
+    return with_sections(cfg, sections)
 
 
 def launch(args: list, nproc: int, timeout: float = 600):

@@ -23,7 +23,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import check, max_rel, metrics, outcome, reraise, run, write_config
+from helpers import check, max_rel, metrics, outcome, reraise, run, with_sections, write_config
 
 # Another reduction order (the all-reduce of a row-split layer, the gathered head) moves the last
 # bit or two: measured at most 3e-7 (torch 2.13 CPU); a wrong split or average shows at 1e-2.
@@ -43,9 +43,7 @@ def config(run_dir: Path, recipe: dict, **sections) -> dict:
         "schedule": {"warmup_steps": 2, "decay": "cosine", "min_lr_ratio": 0.1},
         "checkpoint": {"every_steps": SAVED_AT, "keep_last": 5},
     }
-    for key, value in sections.items():
-        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value
-    return cfg
+    return with_sections(cfg, sections)
 
 
 FP16 = ["precision=fp16", "fsdp.cpu_offload=true", "optim.name=adam", "optim.impl=fused"]
