@@ -28,6 +28,13 @@ class ProfileConfig(Section):
     steps: int = Field(ge=1, description="how many steps are recorded")
 
 
+class EarlyStopConfig(Section):
+    monitor: str = Field("val_loss", description="a validation value: val_loss or val_<metric>")
+    mode: Literal["min", "max"] = Field("min", description="min: lower is better; max: higher is better")
+    patience: int = Field(3, gt=0, description="validations in a row without improvement before the run stops")
+    min_delta: float = Field(0.0, ge=0, description="the least change that counts as an improvement")
+
+
 class TrainConfig(Section):
     global_batch_size: int = Field(64, gt=0, description="samples per optimizer step, whatever the world size "
                                    "(accumulation = global / (micro x processes))")
@@ -56,6 +63,9 @@ class TrainConfig(Section):
     profile: Optional[ProfileConfig] = Field(None, description="{start_step: N, steps: K}: a torch.profiler trace "
                                              "of steps N..N+K-1 in RUN_DIR/profile (Chrome trace JSON, one per "
                                              "rank, for Perfetto or TensorBoard); null: off")
+    early_stop: Optional[EarlyStopConfig] = Field(None, description="{monitor, mode, patience, min_delta}: stop "
+                                                  "after `patience` validations without improvement (saved, exit "
+                                                  "0); null: train to the end")
 
 
 class OptimConfig(Section):
@@ -91,13 +101,22 @@ class DataConfig(Section):
                                           "drop leaves them out, wrap fills the last step from the start")
 
 
+class BestConfig(Section):
+    monitor: str = Field("val_loss", description="a validation value: val_loss or val_<metric>")
+    mode: Literal["min", "max"] = Field("min", description="min: lower is better; max: higher is better")
+
+
 class CheckpointConfig(Section):
+    dir: Optional[str] = Field(None, description="where checkpoints go: a directory or an fsspec URL "
+                               "(s3://bucket/prefix; pip install 'launcher[s3]'); null: RUN_DIR/checkpoints")
     every_steps: Optional[int] = Field(None, gt=0, description="save every N steps; null: only at the end (and "
                                        "on a stop signal)")
-    keep_last: int = Field(3, gt=0, description="checkpoints kept in RUN_DIR/checkpoints")
+    keep_last: int = Field(3, gt=0, description="the newest checkpoints kept in checkpoint.dir")
     resume: str = Field("auto", description="auto: the latest in run_dir, if any; never; or a checkpoint directory")
     resume_changed: Literal["refuse", "allow"] = Field("refuse", description="resuming under a config that "
                                                        "changes the training math: an error, or a warning")
+    best: Optional[BestConfig] = Field(None, description="{monitor, mode}: also keep the checkpoint of the best "
+                                       "validation so far (keep_last never prunes it); null: off")
     async_save: bool = Field(False, alias="async", description="write checkpoints in the background while training "
                              "goes on (not with deepspeed)")
 
