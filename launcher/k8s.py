@@ -1,8 +1,8 @@
 """launcher k8s: write a Kubernetes manifest that trains a config as an elastic job.
 
-`launcher k8s CONFIG [key=value ...] --nodes MIN:MAX --image IMAGE [--pvc CLAIM]` checks the config
-for every world size from MIN x P to MAX x P workers (as `launcher run --nnodes MIN:MAX` would),
-saves the config the pods run as RUN_DIR/k8s/config.yaml and writes RUN_DIR/k8s/job.yaml (or --out),
+`launcher k8s CONFIG [key=value ...] --nodes MIN:MAX --image IMAGE [--pvc CLAIM] [--env-from-secret NAME]`
+checks the config for every world size from MIN x P to MAX x P workers (as `launcher run --nnodes
+MIN:MAX` would), saves the config the pods run as RUN_DIR/k8s/config.yaml and writes RUN_DIR/k8s/job.yaml (or --out),
 two YAML documents, and prints them:
 
   - a ConfigMap NAME-config holding that config, mounted read-only into every pod at CONFIG_DIR, so
@@ -35,10 +35,14 @@ Pods come and go. The Worker pods restart on failure (restartPolicy OnFailure; r
 backoffLimit bounds the restarts of all pods together), and the operator recreates a pod that was
 deleted or evicted: either way it runs the same command again and joins the next rendezvous, and the
 job grows back. The job starts once MIN pods have met and may run on fewer than MAX while the others
-wait for room (gang schedulers get minAvailable = MIN). Every pod mounts the run dir from one
-PersistentVolumeClaim (--pvc): checkpoints outlive the pods, and every restart resumes from the
-newest. An elastic job without --pvc is refused; a fixed-size one is warned about (its run dir is on
-each pod's own disk, lost with it).
+wait for room (gang schedulers get minAvailable = MIN). Every restart resumes from the newest
+checkpoint, so every pod must reach the checkpoints, which must outlive the pods: either every pod
+mounts the run dir from one PersistentVolumeClaim (--pvc), or checkpoint.dir is object storage
+(s3://bucket/prefix), whose credentials the pods get from Secrets (--env-from-secret, as envFrom:
+the manifest names the Secret, never its values) or from the cluster (an IAM role, workload
+identity). Without a claim each pod keeps its own run dir on its own disk, lost with its container:
+only the pod running rank 0 writes there (metrics.jsonl, tb/, wandb/). An elastic job with neither
+is refused; a fixed-size one is warned about.
 
 MIN == MAX, a fixed number of nodes. `launcher run --nnodes N` (N:N as well) uses torchrun's static
 rendezvous, which needs each node's rank. The pod's rank comes from the operator's label
@@ -58,6 +62,7 @@ import yaml
 
 from .config import ConfigError, dump_config, load_config
 from .fs import replaced_atomically, say, warn
+from .storage import is_url
 
 CONFIG_DIR = "/etc/launcher"         # where the ConfigMap is mounted in the pods
 CONTAINER = "pytorch"                # the operator finds the training container by this name ...
@@ -107,6 +112,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory", default=None, help="memory each pod requests, e.g. 200Gi")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="an environment variable for the pods, e.g. --env NCCL_SOCKET_IFNAME=eth0 (repeatable)")
+    p.add_argument("--env-from-secret", action="append", default=[], metavar="NAME",
+                   help="a Secret whose keys the pods get as environment variables, e.g. the credentials for an "
+                        "s3:// checkpoint.dir (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY; repeatable)")
     p.add_argument("--python", default="python", help="the interpreter in the image (default python)")
     p.add_argument("--out", default=None, metavar="FILE", help="where to write the manifest (default "
                    "RUN_DIR/k8s/job.yaml)")
@@ -136,10 +144,17 @@ class Job:
     pvc: str | None = None
     mount: str = DEFAULT_MOUNT
     env: dict[str, str] = field(default_factory=dict)
+    secrets: tuple[str, ...] = ()     # Secrets the container's envFrom names
+    checkpoint_dir: str | None = None  # the config's checkpoint.dir (None: RUN_DIR/checkpoints)
 
     @property
     def elastic(self) -> bool:
         return self.min_nodes < self.max_nodes
+
+    @property
+    def in_bucket(self) -> bool:
+        """Checkpoints in object storage, which every pod reaches without a claim."""
+        return is_url(self.checkpoint_dir or "")
 
     @property
     def host(self) -> str:
@@ -159,12 +174,15 @@ def cmd_k8s(args) -> int:
 
     min_nodes, max_nodes = parse_nodes(args.nodes, "--nodes", ":")
     nproc = check_options(args)
-    if min_nodes < max_nodes and args.pvc is None:
-        raise ConfigError(f"--nodes {args.nodes} without --pvc: every resize resumes from the newest checkpoint, which "
-                          "must be on storage every pod mounts; give --pvc CLAIM (a PersistentVolumeClaim, ReadWriteMany "
-                          "when the pods may run on different machines)")
     env = parse_env(args.env)
     cfg = load_config(args.config, args.overrides)
+    if min_nodes < max_nodes and args.pvc is None and not is_url(cfg.checkpoint.dir or ""):
+        raise ConfigError(f"--nodes {args.nodes} without --pvc: every resize resumes from the newest checkpoint, which "
+                          f"every pod must reach, and checkpoint.dir ({cfg.checkpoint.dir or 'RUN_DIR/checkpoints'}) "
+                          "would be on each pod's own disk. Give --pvc CLAIM (a PersistentVolumeClaim, ReadWriteMany "
+                          "when the pods may run on different machines), or set checkpoint.dir to object storage "
+                          "(checkpoint.dir=s3://bucket/prefix) and give the pods its credentials with "
+                          "--env-from-secret NAME")
     check_node_range(cfg, nproc, min_nodes, max_nodes)
     check_inputs(cfg, max_nodes * nproc, args.config)
 
@@ -186,7 +204,8 @@ def cmd_k8s(args) -> int:
               backoff_limit=args.backoff_limit if args.backoff_limit is not None else max(10, 3 * max_nodes),
               grace_s=args.grace_period, python=args.python, config_text=config_text, run_dir=pod_run_dir,
               namespace=args.namespace, gpus=args.gpus_per_node, gpu_resource=args.gpu_resource, cpu=args.cpu,
-              memory=args.memory, pvc=args.pvc, mount=args.mount, env=env)
+              memory=args.memory, pvc=args.pvc, mount=args.mount, env=env,
+              secrets=tuple(dict.fromkeys(args.env_from_secret)), checkpoint_dir=cfg.checkpoint.dir)
     out = Path(args.out) if args.out else k8s_dir / "job.yaml"
     text = render(job, origin=" ".join([args.config, *args.overrides]), out=out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -218,11 +237,20 @@ def check_options(args) -> int:
         raise ConfigError(f"--namespace {args.namespace}: a namespace is at most {NAME_MAX} lowercase letters, digits "
                           "and '-', starting and ending with a letter or digit")
     check_storage(args.pvc, args.mount)
+    for secret in args.env_from_secret:
+        if not object_name(secret):
+            raise ConfigError(f"--env-from-secret {secret}: not a Secret name (lowercase letters, digits, '-' and "
+                              "'.'); `kubectl get secrets` lists the Secrets of the namespace")
     return nproc
 
 
+def object_name(name: str) -> bool:
+    """A Kubernetes object name (a DNS-1123 subdomain), as claims and Secrets are named."""
+    return len(name) <= 253 and all(DNS_1123.fullmatch(p) for p in name.split("."))
+
+
 def check_storage(pvc: str | None, mount: str) -> None:
-    if pvc is not None and not (len(pvc) <= 253 and all(DNS_1123.fullmatch(p) for p in pvc.split("."))):
+    if pvc is not None and not object_name(pvc):
         raise ConfigError(f"--pvc {pvc}: not a PersistentVolumeClaim name (lowercase letters, digits, '-' and '.'); "
                           "`kubectl get pvc` lists the claims of the namespace")
     path = PurePosixPath(mount)
@@ -337,8 +365,10 @@ def container(job: Job, mounts: list[dict]) -> dict:
     requests = {key: value for key, value in (("cpu", job.cpu), ("memory", job.memory)) if value is not None}
     if requests:
         resources["requests"] = requests
-    spec = {"name": CONTAINER, "image": job.image, "command": pod_command(job), "env": env,
-            "ports": [{"name": PORT_NAME, "containerPort": job.port, "protocol": "TCP"}]}
+    spec = {"name": CONTAINER, "image": job.image, "command": pod_command(job), "env": env}
+    if job.secrets:  # the Secret's keys become variables in the pod: the manifest holds only its name
+        spec["envFrom"] = [{"secretRef": {"name": secret}} for secret in job.secrets]
+    spec["ports"] = [{"name": PORT_NAME, "containerPort": job.port, "protocol": "TCP"}]
     if resources:
         spec["resources"] = resources
     spec["volumeMounts"] = mounts
@@ -378,12 +408,24 @@ def header(job: Job, origin: str, out: Path) -> list[str]:
         lines += [f"# Rendezvous: {job.endpoint}, served by the pod {job.host}; if that pod goes, the others wait for",
                   "# it (restarting) and every pod resumes from the newest checkpoint."]
     if job.pvc:
-        lines += [f"# Run dir: {job.run_dir} on the PersistentVolumeClaim {job.pvc}, shared by every pod: checkpoints",
-                  "# survive a pod, and a restarted pod resumes from them. The claim must be ReadWriteMany when",
-                  "# pods can run on different nodes."]
+        lines += [f"# Run dir: {job.run_dir} on the PersistentVolumeClaim {job.pvc}, shared by every pod. The claim",
+                  "# must be ReadWriteMany when pods can run on different nodes."]
+    elif job.in_bucket:
+        lines += [f"# Run dir: {job.run_dir} on each pod's own disk (no --pvc): metrics.jsonl, tb/ and wandb/ are",
+                  "# written by the pod running rank 0 and lost when its container restarts."]
     else:
         lines += [f"# WARNING: no --pvc. The run dir {job.run_dir} is on each pod's own disk: checkpoints are lost",
                   "# with the pod and the pods do not share them, so a restarted job cannot resume. Give --pvc CLAIM."]
+    if job.in_bucket:
+        lines += [f"# Checkpoints: {job.checkpoint_dir}, shared by every pod: a restarted pod resumes from them."]
+    elif job.pvc and job.checkpoint_dir is None:
+        lines += ["# Checkpoints: in the run dir on the claim: they survive a pod, and a restarted pod resumes from",
+                  "# them."]
+    elif job.pvc:
+        lines += [f"# Checkpoints: {job.checkpoint_dir} (checkpoint.dir), shared and kept only if that path is on the",
+                  f"# claim, under {job.mount}."]
+    if job.secrets:
+        lines += [f"# Environment from the Secret(s) {', '.join(job.secrets)} (envFrom), not written here."]
     return lines
 
 
@@ -392,9 +434,18 @@ def report(job: Job, cfg, out: Path, config_path: Path) -> None:
     meet = f"rendezvous {job.endpoint}" if job.max_nodes > 1 else "one pod, no rendezvous"
     say(f"# wrote {out} (PyTorchJob {job.name}: {size} pod(s) x {job.nproc} worker(s), {meet}); the pods run the "
         f"config saved as {config_path}")
-    if not job.pvc:
+    if not job.pvc and job.in_bucket:
+        warn(f"no --pvc: each pod keeps its own run dir ({job.run_dir}): metrics.jsonl, tb/ and wandb/ are on the "
+             f"disk of the pod running rank 0, lost when its container restarts; checkpoints go to "
+             f"{job.checkpoint_dir}. Give --pvc CLAIM to keep the run dir")
+    elif not job.pvc:
         warn(f"no --pvc: the run dir ({job.run_dir}) is on each pod's own disk, so checkpoints are lost with a pod "
-             "and a restarted pod cannot resume; give --pvc CLAIM (a PersistentVolumeClaim every pod can mount)")
+             "and a restarted pod cannot resume; give --pvc CLAIM (a PersistentVolumeClaim every pod can mount), or "
+             "set checkpoint.dir to object storage (s3://bucket/prefix)")
+    if job.in_bucket and not job.secrets:
+        warn(f"checkpoint.dir is {job.checkpoint_dir} and no --env-from-secret: the pods need its credentials from the "
+             "cluster (an IAM role, workload identity) or the image; else give --env-from-secret NAME, a Secret "
+             "holding e.g. AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
     recipe = cfg.recipe_name
     if recipe.endswith(".py") or "/" in recipe:
         warn(f"the recipe is the file {recipe}: the image must hold it at that path (or install it as a module "

@@ -12,7 +12,9 @@ What is checked:
   c. the pods' command parses with launcher's own `run` parser and passes its launch checks, and names
      the same rendezvous (host, port, id, node range, restarts, workers) as the elasticPolicy;
   d. the embedded config is the resolved config (with the run dir on the shared claim);
-  e. bad input is exit 2, with nothing written.
+  e. with checkpoints in object storage no claim is needed, and the pods get credentials from Secrets
+     (envFrom), never written into the manifest;
+  f. bad input is exit 2, with nothing written.
 No cluster is needed: this is the manifest, not a run.
 """
 from __future__ import annotations
@@ -265,6 +267,75 @@ def test_without_a_claim_it_warns_that_checkpoints_do_not_survive_a_pod(tmp_path
                for v in docs[1]["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["volumes"])
 
 
+# ---------------------------------------------------------------- checkpoints in object storage
+
+
+BUCKET = "s3://train-bucket/digits"
+
+
+def test_checkpoints_in_a_bucket_run_an_elastic_job_without_a_claim(tmp_path, monkeypatch, capsys):
+    from launcher.config import load_config
+
+    # The submitting shell's own credentials must not leak into what the pods read from the ConfigMap.
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-write-me")
+    code, docs, out = write_manifest(tmp_path, monkeypatch, [
+        digits(tmp_path), f"checkpoint.dir={BUCKET}", "--nodes", "1:2", "--image", "x",
+        "--env-from-secret", "s3-credentials", "--env-from-secret", "wandb.key", "--env-from-secret", "s3-credentials"])
+    assert code == 0
+    kubeflow_load(docs[1])  # envFrom as written is the schema's
+    operator_rules(docs[1])
+    config_map, job, _ = parts(docs)
+    for replica in job["spec"]["pytorchReplicaSpecs"].values():
+        pod = replica["template"]["spec"]
+        assert [v["name"] for v in pod["volumes"]] == ["config", "dshm"]  # no claim
+        for container in pod["containers"]:
+            assert container["envFrom"] == [{"secretRef": {"name": "s3-credentials"}},
+                                            {"secretRef": {"name": "wandb.key"}}]
+            assert [m["mountPath"] for m in container["volumeMounts"]] == ["/etc/launcher", "/dev/shm"]
+            args = parse_run(container["command"])
+            assert args.elastic and (args.min_nodes, args.max_nodes) == (1, 2)
+    (tmp_path / "embedded.yaml").write_text(config_map["data"]["config.yaml"])
+    embedded = load_config(tmp_path / "embedded.yaml")
+    assert embedded.checkpoint.dir == BUCKET
+    assert embedded.run_dir == load_config(tmp_path / "c.yaml").run_dir  # each pod's own, not moved to a mount
+    text = out.read_text()
+    assert "do-not-write-me" not in text
+    assert "do-not-write-me" not in (tmp_path / "runs" / "Digits_K8s" / "k8s" / "config.yaml").read_text()
+    assert f"# Checkpoints: {BUCKET}, shared by every pod" in text
+    assert "# Run dir: " in text and "on each pod's own disk (no --pvc)" in text and "WARNING" not in text
+    assert "# Environment from the Secret(s) s3-credentials, wandb.key (envFrom), not written here." in text
+    err = capsys.readouterr().err
+    assert "warning: no --pvc: each pod keeps its own run dir" in err and f"checkpoints go to {BUCKET}" in err
+    assert "no --env-from-secret" not in err
+
+
+def test_a_bucket_without_a_secret_warns_about_credentials_and_keeps_the_claim(tmp_path, monkeypatch, capsys):
+    """No Secret is no error (an IAM role or workload identity may give the credentials); with a claim the run
+    dir stays on it while the checkpoints go to the bucket."""
+    code, docs, out = write_manifest(tmp_path, monkeypatch, [digits(tmp_path), f"checkpoint.dir={BUCKET}",
+                                                           "--nodes", "2", "--image", "x", "--pvc", "runs"])
+    assert code == 0
+    _, job, container = parts(docs)
+    assert "envFrom" not in container
+    assert {"name": "run-dir", "mountPath": "/shared"} in container["volumeMounts"]
+    err = capsys.readouterr().err
+    assert f"warning: checkpoint.dir is {BUCKET} and no --env-from-secret" in err
+    assert "no --pvc" not in err
+    text = out.read_text()
+    assert "# Run dir: /shared/Digits_K8s on the PersistentVolumeClaim runs" in text
+    assert f"# Checkpoints: {BUCKET}, shared by every pod" in text
+
+
+def test_an_elastic_job_with_local_checkpoints_and_no_claim_is_refused(tmp_path, monkeypatch, capsys):
+    code, docs, _ = write_manifest(tmp_path, monkeypatch, [digits(tmp_path), "checkpoint.dir=/data/ckpt",
+                                                           "--nodes", "1:2", "--image", "x"])
+    err = capsys.readouterr().err
+    assert code == 2 and docs == [] and not list(tmp_path.rglob("k8s"))
+    assert "--nodes 1:2 without --pvc" in err and "checkpoint.dir (/data/ckpt) would be on each pod's own disk" in err
+    assert "set checkpoint.dir to object storage (checkpoint.dir=s3://bucket/prefix)" in err
+    assert "--env-from-secret NAME" in err
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -281,7 +352,13 @@ BAD = {
     "a rank variable": ([], ["--nodes", "1:2", "--env", "RANK=0"], "--env RANK: the manifest and the"),
     "a claim name": ([], ["--nodes", "1:2", "--pvc", "Runs!"], "--pvc Runs!: not a PersistentVolumeClaim name"),
     "a relative mount": ([], ["--nodes", "1:2", "--pvc", "r", "--mount", "shared"], "--mount shared: give an absolute"),
-    "elastic without a claim": ([], ["--nodes", "1:2", "--pvc", None], "--nodes 1:2 without --pvc"),
+    "elastic without a claim": ([], ["--nodes", "1:2", "--pvc", None],
+                                "--nodes 1:2 without --pvc: every resize resumes from the newest checkpoint, which "
+                                "every pod must reach, and checkpoint.dir (RUN_DIR/checkpoints)"),
+    "a secret name": ([], ["--nodes", "1:2", "--env-from-secret", "aws_creds"],
+                      "--env-from-secret aws_creds: not a Secret name"),
+    "a secret name too long": ([], ["--nodes", "1:2", "--env-from-secret", "a" * 254],
+                               f"--env-from-secret {'a' * 254}: not a Secret name"),
 }
 
 
