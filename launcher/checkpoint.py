@@ -9,10 +9,12 @@ Layout (docs/design.md, Checkpoints):
         rng_0.pt, rng_1.pt ...       each rank's RNG states (tensors and plain values only)
     checkpoints/latest               the name of the newest complete checkpoint
 
-A save goes to step_000500.tmp/ and is renamed only once every rank has written
-its part; `latest` is replaced atomically after that. A save cut off halfway stays
-a .tmp directory and is never used; a save that fails (a full disk) leaves the
-previous checkpoint and `latest` as they were. What launcher writes itself is read
+The checkpoints directory is checkpoint.dir: RUN_DIR/checkpoints by default, or object storage
+(launcher/storage.py). Locally a save goes to step_000500.tmp/ and is renamed only once every
+rank has written its part; in object storage, which cannot rename, it goes to step_000500/
+directly. Either way meta.json is written last, by rank 0, once every rank's part is there: a
+checkpoint without it is not complete and never used. `latest` is replaced atomically after
+that. A save that fails (a full disk) leaves the previous checkpoint and `latest` as they were. What launcher writes itself is read
 back without unpickling code (weights_only); a damaged checkpoint is set aside
 before any worker starts and the previous complete one is used.
 """
@@ -23,7 +25,6 @@ import json
 import os
 import random
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -32,7 +33,8 @@ import torch
 import torch.distributed as dist
 
 from .errors import CheckpointWriteError, ConfigError
-from .fs import warn, write_atomic
+from .fs import warn
+from .storage import dcp_reader, is_remote, location, make_dir, move_tree, remove_tree, write_text
 
 STEP_DIR = re.compile(r"step_(\d{6,})$")
 
@@ -41,14 +43,19 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
+def checkpoint_dir(ckpt_cfg, run_dir) -> Path:
+    """checkpoint.dir, or RUN_DIR/checkpoints: a Path, or a UPath for object storage."""
+    return location(ckpt_cfg.dir) if ckpt_cfg.dir else Path(run_dir) / "checkpoints"
+
+
 def is_complete(path: Path) -> bool:
-    return path.is_dir() and STEP_DIR.match(path.name) is not None and (path / "meta.json").is_file()
+    return STEP_DIR.match(path.name) is not None and (path / "meta.json").is_file()
 
 
 def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
     if not ckpt_dir.is_dir():
         return []
-    found = [p for p in ckpt_dir.iterdir() if is_complete(p)]
+    found = [p for p in ckpt_dir.iterdir() if STEP_DIR.match(p.name) and is_complete(p)]
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
@@ -94,11 +101,17 @@ def set_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state(cuda, device)
 
 
+def save_file(value, path: Path) -> None:
+    with path.open("wb") as f:  # a local file or an object
+        torch.save(value, f)
+
+
 def load_safely(path: Path) -> dict:
     """A file of tensors and plain values launcher wrote (a rank's RNG states, a module's
     checkpoint additions), read without running any code it might carry."""
     try:
-        return torch.load(path, weights_only=True)
+        with path.open("rb") as f:
+            return torch.load(f, weights_only=True)
     except Exception as e:
         raise ConfigError(f"refusing to load {path}: it is not the plain tensors launcher writes ({e.__class__.__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}). It may have been tampered with; delete that "
@@ -126,10 +139,8 @@ def problems(path: Path) -> list[str]:
         if not states:
             missing.append("mp_rank_00_model_states.pt")
         return [f"{name} is missing" for name in missing] if found or states else ["no DeepSpeed files in it"]
-    from torch.distributed.checkpoint import FileSystemReader
-
     try:
-        metadata = FileSystemReader(str(path)).read_metadata()
+        metadata = dcp_reader(path).read_metadata()
     except Exception as e:
         return [f".metadata is missing or unreadable ({e.__class__.__name__})"]
     needed: dict[str, int] = {}
@@ -171,7 +182,7 @@ def resume_from(ckpt_cfg, run_dir: Path, world_size: int, may_move: bool) -> Pat
     if how == "never":
         return None
     if how != "auto":
-        path = Path(how)
+        path = location(how)
         if not is_complete(path):
             raise ConfigError(f"checkpoint.resume={how} is not a complete checkpoint (a checkpoints/step_NNNNNN "
                               "directory with meta.json in it); use auto, never, or such a directory")
@@ -181,7 +192,7 @@ def resume_from(ckpt_cfg, run_dir: Path, world_size: int, may_move: bool) -> Pat
                               "checkpoint (checkpoint.resume=<its directory>) or start afresh with checkpoint.resume=never")
         check_world_size(path, world_size)
         return path
-    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir = checkpoint_dir(ckpt_cfg, run_dir)
     path = latest_checkpoint(ckpt_dir, warn if may_move else lambda message: None)
     while path is not None:
         found = check_loadable(path)
@@ -193,9 +204,9 @@ def resume_from(ckpt_cfg, run_dir: Path, world_size: int, may_move: bool) -> Pat
             aside = path.with_name(path.name + ".damaged")
             warn(f"checkpoint {path} is damaged ({'; '.join(found)}): moved aside to {aside.name}; "
                  "resuming from the previous complete checkpoint instead")
-            path.rename(aside)
+            move_tree(path, aside)
             if earlier:
-                write_atomic(ckpt_dir / "latest", earlier[-1].name)
+                write_text(ckpt_dir / "latest", earlier[-1].name)
             else:
                 (ckpt_dir / "latest").unlink(missing_ok=True)
         path = earlier[-1] if earlier else None
@@ -212,17 +223,17 @@ def check_world_size(path: Path, world_size: int) -> None:
             "checkpoint.resume=never")
 
 
-def newest_note(run_dir: Path) -> str:
-    """Where a rerun of this run dir resumes, read from the disk: for messages that must be true."""
-    path = latest_checkpoint(Path(run_dir) / "checkpoints")
+def newest_note(ckpt_dir: Path) -> str:
+    """Where a rerun resumes, read from the checkpoints directory: for messages that must be true."""
+    path = latest_checkpoint(ckpt_dir)
     if path is None:
         return "no checkpoint is saved: the same command starts again from step 0"
     return f"the same command resumes from {path} (step {step_of(path)})"
 
 
-def kept_note(run_dir: Path) -> str:
-    """The checkpoint a failed run leaves for a rerun, read from the disk."""
-    path = latest_checkpoint(Path(run_dir) / "checkpoints")
+def kept_note(ckpt_dir: Path) -> str:
+    """The checkpoint a failed run leaves for a rerun, read from the checkpoints directory."""
+    path = latest_checkpoint(ckpt_dir)
     if path is None:
         return "No checkpoint was saved before it"
     return f"The newest checkpoint, {path} (step {step_of(path)}), is kept: the same command resumes from it"
@@ -255,7 +266,7 @@ def barrier() -> None:
 
 class Checkpointer:
     def __init__(self, run_dir: Path, cfg, rank: int):
-        self.dir = run_dir / "checkpoints"
+        self.dir = checkpoint_dir(cfg, run_dir)
         self.cfg, self.rank = cfg, rank
         self.pending = None  # an async save in flight: (upload future, finalize, step, tmp)
         self.staging = None  # its copy of the state, while still in progress in the background
@@ -273,16 +284,17 @@ class Checkpointer:
             return
         self.last_saved_step = step
         final = self.dir / step_dir_name(step)
-        tmp = self.dir / (final.name + ".tmp")
+        # Object storage cannot rename: the save goes where it stays, and meta.json, last, publishes it.
+        tmp = final if is_remote(final) else self.dir / (final.name + ".tmp")
         if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)  # the remains of a save cut off earlier
+            remove_tree(tmp)  # the remains of a save cut off earlier (or, remote, a later abandoned timeline's)
         with self.failure_reported(step, tmp):
             if self.rank == 0:
-                tmp.mkdir(parents=True)
+                make_dir(tmp)
             barrier()
-            torch.save(rng_state(), tmp / f"rng_{self.rank}.pt")
+            save_file(rng_state(), tmp / f"rng_{self.rank}.pt")
             for name, value in (files or {}).items():
-                torch.save(value, tmp / name)
+                save_file(value, tmp / name)
             result = strategy.save_checkpoint(tmp, async_save=self.cfg.async_save)
 
         def finalize() -> None:
@@ -291,11 +303,12 @@ class Checkpointer:
             # metadata last, after gathering every rank's write results.
             if self.rank != 0:
                 return
-            write_atomic(tmp / "meta.json", json.dumps(meta))
-            if final.exists():  # a later checkpoint of an abandoned timeline (resumed from an earlier one)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            write_atomic(self.dir / "latest", final.name)
+            write_text(tmp / "meta.json", json.dumps(meta))
+            if tmp != final:
+                if final.exists():  # a later checkpoint of an abandoned timeline (resumed from an earlier one)
+                    remove_tree(final)
+                os.replace(tmp, final)
+            write_text(self.dir / "latest", final.name)
             self.prune()
 
         if result is None:
@@ -320,7 +333,7 @@ class Checkpointer:
             if reason is None:
                 raise
             if self.rank == 0:
-                shutil.rmtree(tmp, ignore_errors=True)  # the partial save: free what it took
+                remove_tree(tmp)  # the partial save: free what it took
             latest = self.dir / "latest"
             kept = f"checkpoints/{latest.read_text().strip()}" if latest.is_file() else "no earlier checkpoint"
             raise CheckpointWriteError(
@@ -355,7 +368,7 @@ class Checkpointer:
         """The run ended with this checkpoint and its final validation: a rerun has nothing to do."""
         path = self.dir / step_dir_name(step)
         if self.rank == 0 and is_complete(path):
-            write_atomic(path / "meta.json", json.dumps({**read_meta(path), "finished": True}))
+            write_text(path / "meta.json", json.dumps({**read_meta(path), "finished": True}))
 
     def prune(self) -> None:
         keep = set(complete_checkpoints(self.dir)[-self.cfg.keep_last :])
@@ -364,7 +377,7 @@ class Checkpointer:
             keep.add(self.dir / pointer.read_text().strip())  # never the one `latest` names
         for path in complete_checkpoints(self.dir):
             if path not in keep:
-                shutil.rmtree(path, ignore_errors=True)
+                remove_tree(path)
 
     # ------------------------------------------------------------ resume
 
@@ -372,7 +385,7 @@ class Checkpointer:
         """A fresh start: move an earlier run's checkpoints out of the way (never delete them),
         so that neither `latest` nor pruning mixes the two runs."""
         if self.rank == 0 and self.dir.is_dir() and any(self.dir.iterdir()):
-            self.dir.rename(self.dir.with_name(f"checkpoints.{time.time_ns()}"))
+            move_tree(self.dir, self.dir.with_name(f"{self.dir.name}.{time.time_ns()}"))
 
     def load_extra(self, path: Path) -> dict:
         """What the module added to the checkpoint (on_save_checkpoint), read safely; {} if nothing."""

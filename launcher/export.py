@@ -7,29 +7,28 @@ load_state_dict(strict=True).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from .checkpoint import complete_checkpoints, latest_checkpoint, step_dir_name
+from .checkpoint import checkpoint_dir, complete_checkpoints, latest_checkpoint, read_meta, step_dir_name, step_of
 from .config import ConfigError, load_config
 from .fs import check_writable, replaced_atomically
 from .recipe import LightningAdapter, Recipe
+from .storage import dcp_reader
 from .strategies.base import single_process_quiet
 
 
-def find_checkpoint(run_dir: Path, step: int | None) -> Path:
-    ckpt_dir = run_dir / "checkpoints"
+def find_checkpoint(ckpt_dir: Path, step: int | None) -> Path:
     if step is None:
         path = latest_checkpoint(ckpt_dir)
         if path is None:
-            raise ConfigError(f"{run_dir} has no complete checkpoint to export")
+            raise ConfigError(f"{ckpt_dir} has no complete checkpoint to export")
         return path
     path = ckpt_dir / step_dir_name(step)
     if path not in complete_checkpoints(ckpt_dir):
-        have = ", ".join(str(int(p.name.split("_")[1])) for p in complete_checkpoints(ckpt_dir)) or "none"
-        raise ConfigError(f"{run_dir} has no complete checkpoint at step {step} (steps saved: {have})")
+        have = ", ".join(str(step_of(p)) for p in complete_checkpoints(ckpt_dir)) or "none"
+        raise ConfigError(f"{ckpt_dir} has no complete checkpoint at step {step} (steps saved: {have})")
     return path
 
 
@@ -47,11 +46,11 @@ def export(run_dir: Path, out: Path, step: int | None = None) -> tuple[Path, int
                    "give another output path, or fix the folder's permissions")
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml in it)")
-    ckpt = find_checkpoint(run_dir, step)
     cfg = load_config(run_dir / "config.yaml")
+    ckpt = find_checkpoint(checkpoint_dir(cfg.checkpoint, run_dir), step)
     recipe = Recipe.load(cfg.recipe, str(run_dir / "config.yaml"))
     model = recipe.build_model()
-    meta = json.loads((ckpt / "meta.json").read_text())
+    meta = read_meta(ckpt)
     if meta["strategy"] == "deepspeed":
         state = deepspeed_full_state(ckpt)
     else:
@@ -68,7 +67,7 @@ def dcp_full_state(ckpt: Path, model: torch.nn.Module) -> dict[str, torch.Tensor
 
     state = {"model": dict(model.state_dict())}
     with single_process_quiet():
-        dcp.load(state, checkpoint_id=str(ckpt))
+        dcp.load(state, storage_reader=dcp_reader(ckpt))
     return state["model"]
 
 

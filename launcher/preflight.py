@@ -18,7 +18,7 @@ from torch.utils.data import default_collate
 
 from . import float8
 from .batch import BatchSizes, batch_sizes, total_steps
-from .checkpoint import read_meta, resume_from
+from .checkpoint import checkpoint_dir, read_meta, resume_from
 from .config import Config, config_changes
 from .data import resolve_pin_memory
 from .env import detect
@@ -28,6 +28,7 @@ from .optim import fused_refusal, fused_unavailable
 from .recipe import Recipe, RecipeError, unwrap_lightning, user_traceback
 from .strategies import resolve_name, strategy_class
 from .strategies.base import check_checkpoint_units, default_shard_units, outermost
+from .storage import check_reachable, is_url
 from .stream import is_stream, train_length
 
 
@@ -58,6 +59,7 @@ def check_inputs(cfg: Config, world_size: int, origin: str, report_only: bool = 
     float8.check(cfg, resolve_name(cfg.strategy, world_size, cfg.tp.size))
     check_switches(cfg, recipe)
     check_fused_optimizer(cfg, recipe, world_size)
+    check_checkpoint_dir(cfg, resolve_name(cfg.strategy, world_size, cfg.tp.size))
     resume = resume_from(cfg.checkpoint, Path(cfg.run_dir), world_size, may_move=is_main_process() and not report_only)
     if resume is not None:
         check_resume_config(resume, cfg)
@@ -69,6 +71,17 @@ def check_inputs(cfg: Config, world_size: int, origin: str, report_only: bool = 
         check_unknown_length(cfg, recipe, train_set)
     check_first_batch(cfg, recipe, train_set, sizes, probe_step)
     return Checked(recipe, sizes, resume)
+
+
+def check_checkpoint_dir(cfg: Config, strategy: str) -> None:
+    """checkpoint.dir: its fsspec package installed, no credentials in the URL, writable (a small probe)."""
+    if not cfg.checkpoint.dir:
+        return  # RUN_DIR/checkpoints: the run dir's own check covers it
+    if strategy == "deepspeed" and is_url(cfg.checkpoint.dir):
+        raise ConfigError(f"checkpoint.dir={cfg.checkpoint.dir} is object storage, and DeepSpeed writes its "
+                          "checkpoints with its own code, to local files only: use strategy=fsdp (ZeRO-3's sharding) "
+                          "or ddp, or a checkpoint.dir on a shared file system")
+    check_reachable(checkpoint_dir(cfg.checkpoint, cfg.run_dir), f"checkpoint.dir={cfg.checkpoint.dir}")
 
 
 def check_tensor_parallel(cfg: Config, recipe: Recipe, world_size: int, local_world_size: int | None) -> int:

@@ -1,7 +1,7 @@
 """`launcher run`: check the input, then train in this process or start the workers (--nproc).
 
 A bad input leaves no run dir behind: one this command created is removed when the run ends with
-exit 2 before any checkpoint was written, whether the launching process or a worker found it.
+exit 2 before any checkpoint or metric was written, whether the launching process or a worker found it.
 The run dir is held while the command runs (launcher/hold.py): a second run on it exits 2.
 """
 from __future__ import annotations
@@ -38,7 +38,8 @@ def cmd_run(args) -> int:
 
 
 def remove_if_untouched(run_dir: Path, fresh: bool) -> None:
-    if fresh and is_main_process() and not (run_dir / "checkpoints").exists():
+    # metrics.jsonl too: with checkpoint.dir in object storage, nothing else here says training began
+    if fresh and is_main_process() and not any((run_dir / name).exists() for name in ("checkpoints", "metrics.jsonl")):
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
@@ -59,6 +60,7 @@ def check_and_run(cfg: Config, args) -> int:
     if cfg.checkpoint.resume == "auto" and checked.resume is not None and finished(checked.resume, cfg, checked.sizes):
         return errors.DONE  # rerunning a finished run (an explicit checkpoint.resume starts a new one)
     if args.nproc:
+        from .checkpoint import checkpoint_dir
         from .spawn import Elastic, rdzv_id, spawn
 
         del checked  # and the data set built to check it: the workers build their own
@@ -66,8 +68,8 @@ def check_and_run(cfg: Config, args) -> int:
         if args.elastic:
             elastic = Elastic(args.min_nodes, args.max_nodes, args.rdzv_id or rdzv_id(args.rdzv_endpoint),
                               args.rdzv_conf)
-        return spawn([args.config, *args.overrides], run_dir=Path(cfg.run_dir), nproc=args.nproc, nnodes=args.nnodes,
-                     node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint, max_restarts=args.max_restarts,
+        return spawn([args.config, *args.overrides], ckpt_dir=checkpoint_dir(cfg.checkpoint, cfg.run_dir),
+                     nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint, max_restarts=args.max_restarts,
                      timeout_s=cfg.dist.timeout_s, elastic=elastic)
     return run_worker(cfg, env, checked.recipe)
 
@@ -104,10 +106,10 @@ def run_worker(cfg: Config, env, recipe) -> int:
               "the worker group (--max-restarts), which resumes from the newest checkpoint")
         return errors.FAILED
     except errors.Stopped as e:
-        from .checkpoint import newest_note
+        from .checkpoint import checkpoint_dir, newest_note
 
         if not os.environ.get("LAUNCHER_SPAWNED"):  # else the launching process says it, once
-            say(f"stopped by {e.signal_name}: {newest_note(Path(cfg.run_dir))}")
+            say(f"stopped by {e.signal_name}: {newest_note(checkpoint_dir(cfg.checkpoint, cfg.run_dir))}")
         return errors.STOPPED
     env_mod.destroy_process_group()
     return errors.DONE

@@ -19,8 +19,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class StopSignals:
-    def __init__(self, run_dir: Path):
-        self.run_dir = run_dir
+    def __init__(self, ckpt_dir: Path):
+        self.ckpt_dir = ckpt_dir
         self.requested = False  # set by a handler on this rank
         self.first: str | None = None  # the name of the signal that asked first
         self.previous: dict = {}
@@ -41,7 +41,7 @@ class StopSignals:
         quiet = bool(os.environ.get("LAUNCHER_SPAWNED"))  # the launching process speaks for its workers
         if signum == signal.SIGINT and self.requested:
             if not quiet:
-                say(f"stopped at once by a second SIGINT: {newest_note(self.run_dir)}")
+                say(f"stopped at once by a second SIGINT: {newest_note(self.ckpt_dir)}")
             raise KeyboardInterrupt  # out through every `finally` (the run dir's hold too): exit 130
         if signum == signal.SIGINT and not quiet:
             say("SIGINT: saving a checkpoint at the next step, then stopping (Ctrl-C again stops at once)")

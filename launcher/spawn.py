@@ -76,7 +76,7 @@ def torchrun_args(worker_argv: list[str], nproc: int, nnodes: int | str, node_ra
     return args + ["-m", "launcher", "run", *worker_argv]
 
 
-def spawn(worker_argv: list[str], run_dir: Path, **options) -> int:
+def spawn(worker_argv: list[str], ckpt_dir: Path, **options) -> int:
     """Start the workers and wait. Returns the exit code for the launcher.
 
     If the workers that exited on their own all exited with 2 (bad input found
@@ -107,13 +107,13 @@ def spawn(worker_argv: list[str], run_dir: Path, **options) -> int:
                   f"and --rdzv-endpoint, each with its own --node-rank, and check that the port is reachable from "
                   f"every node ({str(e).splitlines()[0]})")
             return FAILED
-        error(elastic_rendezvous_failed(e, run_dir, **options))
+        error(elastic_rendezvous_failed(e, ckpt_dir, **options))
         return FAILED
     except SignalException as e:  # this process was signalled and passed it on to the workers
         if interrupts.count > 1:
-            say(f"stopped at once by a second SIGINT: {newest_note(run_dir)}")
+            say(f"stopped at once by a second SIGINT: {newest_note(ckpt_dir)}")
             return 130
-        say(f"stopped by {e.sigval.name}: {newest_note(run_dir)}")
+        say(f"stopped by {e.sigval.name}: {newest_note(ckpt_dir)}")
         return STOPPED
     except ChildFailedError as e:
         codes = {failure.exitcode for failure in e.failures.values() if failure.exitcode > 0}
@@ -133,7 +133,7 @@ def stop_workers_for_a_new_round(agent, worker_group) -> None:
     agent._shutdown(timeout=max(30, getattr(agent, "_shutdown_timeout", 60) // 2) if healthy else 30)
 
 
-def elastic_rendezvous_failed(e: Exception, run_dir: Path, elastic: Elastic, rdzv_endpoint: str,
+def elastic_rendezvous_failed(e: Exception, ckpt_dir: Path, elastic: Elastic, rdzv_endpoint: str,
                               timeout_s: float, nproc: int, **_) -> str:
     """An elastic job's rendezvous that could not complete: what the job had and needs, and that nothing
     is lost."""
@@ -143,19 +143,19 @@ def elastic_rendezvous_failed(e: Exception, run_dir: Path, elastic: Elastic, rdz
         what = (f"the rendezvous at {rdzv_endpoint} could not be reached: the node at that address hosts it, and it "
                 f"has not started, has stopped or finished, or the address is wrong ({type(e).__name__}: "
                 f"{(str(e).splitlines() or [''])[0][:160]})")
-    last = last_world_size(run_dir)
+    last = last_world_size(ckpt_dir)
     had = f"it last trained on {last // nproc} node(s) (world size {last}); " if last else ""
     return (f"this elastic job needs at least {elastic.min_nodes} of at most {elastic.max_nodes} node(s) (--nnodes "
             f"{elastic.min_nodes}:{elastic.max_nodes}), and {what}: {had}this node ({socket.gethostname()}) was one of "
-            f"the ones waiting. Nothing is lost: {newest_note(run_dir)}. Start the missing nodes with the same command "
+            f"the ones waiting. Nothing is lost: {newest_note(ckpt_dir)}. Start the missing nodes with the same command "
             "(or use a smaller MIN)")
 
 
-def last_world_size(run_dir: Path) -> int | None:
+def last_world_size(ckpt_dir: Path) -> int | None:
     """The world size of the newest checkpoint, if any."""
     from .checkpoint import latest_checkpoint, read_meta
 
-    path = latest_checkpoint(run_dir / "checkpoints")
+    path = latest_checkpoint(ckpt_dir)
     return read_meta(path).get("world_size") if path is not None else None
 
 

@@ -98,7 +98,7 @@ class Trainer:
                              self.recipe.per_sample("tokens_per_sample"), self.recipe.per_sample("flops_per_sample"))
         self.evaluator = Evaluator(val_set, cfg.train.eval_batch_size or self.sizes.micro_batch, self.data_env, device,
                                    self.precision, cfg.data.num_workers, self.recipe.collate, self.run, self.watchdog)
-        self.signals = StopSignals(self.run_dir)
+        self.signals = StopSignals(self.checkpointer.dir)
         self.profiler = StepProfiler.from_config(cfg.train.profile, self.run_dir, device, env.rank, self.state.step)
 
     def make_optimizer(self, model):
@@ -150,7 +150,7 @@ class Trainer:
             outcome = None
         except NonFiniteError as e:
             self.checkpointer.wait()  # an async save still in flight is the last good checkpoint
-            e.args = (f"{e}. {kept_note(self.run_dir)}",)  # what the disk holds, once it is written
+            e.args = (f"{e}. {kept_note(self.checkpointer.dir)}",)  # what the disk holds, once it is written
             outcome = e
             raise
         except BaseException as e:

@@ -7,7 +7,7 @@ from helpers import References
 # whole files each) then end together instead of one running the longest file alone at the end.
 LONGEST_FIRST = ["test_slurm.py", "test_elastic.py", "test_tensor_parallel.py", "test_distributed.py",
                  "test_checkpoint.py", "test_sharded.py", "test_memory.py", "test_float8.py", "test_wild.py",
-                 "test_faults.py"]
+                 "test_faults.py", "test_object_storage.py"]
 
 
 def pytest_collection_modifyitems(items):

@@ -178,6 +178,20 @@ def hidden(module: str, *overrides, **sections) -> Callable[[Ctx], list]:
     return make
 
 
+def aws(make: Callable[[Ctx], list], **variables) -> Callable[[Ctx], list]:
+    """`make` with these AWS variables ("": none), never the user's own credentials, files or instance role."""
+    def with_env(c: Ctx):
+        c.env.update({"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                      "AWS_CONFIG_FILE": str(c.tmp / "none"), "AWS_SHARED_CREDENTIALS_FILE": str(c.tmp / "none"),
+                      "AWS_EC2_METADATA_DISABLED": "true", **variables})
+        return make(c)
+    return with_env
+
+
+def no_secret(err: str, secret: str) -> None:
+    assert secret not in err, err
+
+
 def make_afile(c: Ctx) -> Path:
     return c.write("afile", "a regular file, not a directory\n")
 
@@ -441,6 +455,20 @@ CASES = [
     Case("float8-under-deepspeed", nproc2("strategy=deepspeed", "precision=float8"),
          ("precision=float8 with strategy=deepspeed", "strategy=fsdp")),
     Case("float8-settings-without-float8", nproc2("float8.recipe=rowwise"), ("float8 settings", "precision=float8")),
+    # ------------------------------------------------------------ checkpoints in object storage
+    Case("s3-not-installed", hidden("s3fs", "checkpoint.dir=s3://bucket/run"),
+         ("checkpoint.dir=s3://bucket/run cannot be used", "pip install 'launcher[s3]'")),
+    Case("s3-credentials-in-url", nproc2("checkpoint.dir=s3://AKIAEXAMPLE:hunter2@bucket/run"),
+         ("checkpoint.dir has credentials in its URL", "AWS_ACCESS_KEY_ID"),
+         more=lambda c, err: no_secret(err, "hunter2")),
+    Case("s3-under-deepspeed", nproc2("strategy=deepspeed", "checkpoint.dir=s3://bucket/run"),
+         ("checkpoint.dir=s3://bucket/run is object storage", "DeepSpeed", "strategy=fsdp")),
+    Case("s3-endpoint-unreachable", aws(nproc2("checkpoint.dir=s3://bucket/run"), AWS_ENDPOINT_URL="http://127.0.0.1:9",
+                                        AWS_MAX_ATTEMPTS="1"),
+         ("checkpoint.dir=s3://bucket/run cannot be written", "EndpointConnectionError", "AWS_ENDPOINT_URL")),
+    Case("s3-no-credentials", aws(nproc2("checkpoint.dir=s3://bucket/run"), AWS_ENDPOINT_URL="http://127.0.0.1:9",
+                                  AWS_ACCESS_KEY_ID="", AWS_SECRET_ACCESS_KEY=""),
+         ("checkpoint.dir=s3://bucket/run cannot be written", "NoCredentialsError", "AWS_ACCESS_KEY_ID")),
     Case("deepspeed-not-installed", hidden("deepspeed", "strategy=deepspeed"), ("pip install 'launcher[deepspeed]'",)),
     Case("wandb-not-installed", hidden("wandb", "log.wandb.project=demo"), ("pip install 'launcher[wandb]'",)),
     Case("tensorboard-not-installed", hidden("tensorboard", "log.tensorboard=true"),

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..precision import Precision
+from ..storage import dcp_reader, dcp_writer
 
 STAGER_REUSABLE = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
 
@@ -212,7 +213,7 @@ class Strategy:
         state = self.state_dict()
         if not async_save:
             with single_process_quiet():
-                dcp.save(state, checkpoint_id=str(path))
+                dcp.save(state, storage_writer=dcp_writer(path))
             return None
         # A group of its own: the background save's collectives must not interleave
         # with the training loop's on the default group.
@@ -222,7 +223,7 @@ class Strategy:
             # DCP copies on a side stream that does not wait for this one: the last update must have
             # landed (usually free: the trainer has just read the step flags).
             torch.cuda.current_stream(self.device).synchronize()
-        response = dcp.async_save(state, checkpoint_id=str(path), process_group=self._checkpoint_group,
+        response = dcp.async_save(state, storage_writer=dcp_writer(path), process_group=self._checkpoint_group,
                                   async_stager=self.stager())
         staging = getattr(response, "staging_completion", None)  # None: staged before async_save returned
         if staging is not None and not only_parameters(state["model"], self.model):
@@ -250,7 +251,7 @@ class Strategy:
 
         state = self.state_dict()  # the target layout: DCP reshards into it
         with single_process_quiet():
-            dcp.load(state, checkpoint_id=str(path))
+            dcp.load(state, storage_reader=dcp_reader(path))
         self.load_state_dict(state)
 
     def close(self) -> None:

@@ -1,0 +1,141 @@
+"""Checkpoints in object storage (checkpoint.dir=s3://...), against a real S3 server on the loopback:
+moto's server mode, started and stopped here. Its API is S3's, over HTTP, so s3fs, botocore and
+torch.distributed.checkpoint's fsspec writer run exactly as against AWS.
+"""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import check, digits_config, run, worker_env, write_config
+from test_checkpoint import by_step, children
+
+pytestmark = pytest.mark.slow
+
+SECRET = "s3cr3t-never-written-anywhere"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server on a free loopback port; yields the environment that reaches it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_EC2_METADATA_DISABLED": "true"}
+    deadline = time.time() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert server.poll() is None and time.time() < deadline, "moto's server did not start"
+            time.sleep(0.1)
+    try:
+        yield env
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def bucket(env, name):
+    """An s3fs client for a new bucket `name`."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(key=env["AWS_ACCESS_KEY_ID"], secret=env["AWS_SECRET_ACCESS_KEY"],
+                           endpoint_url=env["AWS_ENDPOINT_URL"], use_listings_cache=False)
+    fs.mkdir(name)
+    return fs
+
+
+def config(tmp_path, name, ckpt_dir=None, **recipe):
+    """The fault tests' run: digits on 2 ranks, 20 steps, a checkpoint every 5."""
+    cfg = digits_config(tmp_path / name, recipe={"name": "toy_recipes.faulty", "hidden": 32, **recipe},
+                        train={"global_batch_size": 64, "micro_batch_size": 32, "max_steps": 20},
+                        checkpoint={"every_steps": 5, "keep_last": 10, **({"dir": ckpt_dir} if ckpt_dir else {})})
+    return write_config(tmp_path / f"{name}-{len(recipe)}.yaml", cfg)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run, its checkpoints on the local disk: losses per step and exported weights."""
+    tmp = tmp_path_factory.mktemp("reference")
+    check(run(["run", config(tmp, "full"), "--nproc", 2]))
+    check(run(["export", tmp / "full", tmp / "w.safetensors"]))
+    return by_step(tmp / "full"), load_file(tmp / "w.safetensors")
+
+
+def kill_when(proc, ready, timeout=120):
+    """SIGKILL the launcher and its workers as soon as ready() holds."""
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "the moment to kill never came"
+        time.sleep(0.05)
+    for pid in [proc.pid, *children(proc.pid)]:  # torchrun's workers have process groups of their own
+        os.kill(pid, signal.SIGKILL)
+    proc.communicate()
+
+
+def start(args, env):
+    return subprocess.Popen([sys.executable, "-m", "launcher", *map(str, args)], env=worker_env(env),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_kill_between_the_shards_and_meta_json_is_survived_and_export_reads_the_bucket(tmp_path, s3, reference):
+    """Step 10's save is slowed down and the job SIGKILLed once a shard of it is in the bucket: that
+    checkpoint has no meta.json, so the rerun resumes from step 5 and ends with the uninterrupted
+    run's losses; `launcher export` then reads the bucket into the uninterrupted run's weights."""
+    fs = bucket(s3, "sync")
+    url = "s3://sync/digits/checkpoints"
+    proc = start(["run", config(tmp_path, "run", url, slow_save_at=2, slow_save_s=0.5), "--nproc", 2], s3)
+    kill_when(proc, lambda: bool(fs.glob("sync/digits/checkpoints/step_000010/*.distcp")))
+    assert fs.cat("sync/digits/checkpoints/latest").decode() == "step_000005"
+    assert not fs.exists("sync/digits/checkpoints/step_000010/meta.json")  # killed before it was published
+
+    proc = check(run(["run", config(tmp_path, "run", url), "--nproc", 2, "checkpoint.resume_changed=allow"], env=s3))
+    assert f"resumed from {url}/step_000005 at step 5" in proc.stderr
+    losses, weights = reference
+    assert by_step(tmp_path / "run") == pytest.approx(losses, rel=1e-6)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing on the local disk
+    # The bucket's layout: every step's checkpoint complete, step 10 rewritten whole.
+    for step in (5, 10, 15, 20):
+        names = sorted(os.path.basename(f) for f in fs.ls(f"sync/digits/checkpoints/step_{step:06d}"))
+        assert names == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.json", "rng_0.pt", "rng_1.pt"], names
+    assert fs.cat("sync/digits/checkpoints/latest").decode() == "step_000020"
+
+    check(run(["export", tmp_path / "run", tmp_path / "w.safetensors"], env=s3))
+    exported = load_file(tmp_path / "w.safetensors")
+    assert exported.keys() == weights.keys()
+    for name in weights:
+        assert torch.equal(exported[name], weights[name]), name
+    # The credentials came from the environment and went nowhere.
+    written = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    assert all(SECRET not in p.read_text(errors="replace") for p in written)
+    assert SECRET not in proc.stderr + proc.stdout
+
+
+def test_async_saves_to_the_bucket_and_a_sigkill_mid_run(tmp_path, s3, reference):
+    """Saves in the background (checkpoint.async); the job is SIGKILLed once step 10's is published,
+    whatever the next one was doing; the rerun resumes from the bucket and ends as if never stopped."""
+    fs = bucket(s3, "async")
+    url = "s3://async/run"
+    proc = start(["run", config(tmp_path, "run", url, slow_save_at=3, slow_save_s=0.5), "--nproc", 2,
+                  "checkpoint.async=true"], s3)
+    kill_when(proc, lambda: fs.exists("async/run/latest") and fs.cat("async/run/latest") == b"step_000010")
+    assert fs.cat("async/run/latest") in (b"step_000010", b"step_000015")  # killed mid-run, not at its end
+
+    proc = check(run(["run", config(tmp_path, "run", url), "--nproc", 2, "checkpoint.async=true",
+                      "checkpoint.resume_changed=allow"], env=s3))
+    assert f"resumed from {url}/step_000010 at step 10" in proc.stderr
+    assert by_step(tmp_path / "run") == pytest.approx(reference[0], rel=1e-6)
+    assert fs.cat("async/run/latest") == b"step_000020"
+    assert fs.exists("async/run/step_000020/meta.json")
