@@ -8,6 +8,7 @@ Layout (docs/design.md, Checkpoints):
         meta.json                    trainer counters, schedule, grad scaler (rank 0)
         rng_0.pt, rng_1.pt ...       each rank's RNG states (tensors and plain values only)
     checkpoints/latest               the name of the newest complete checkpoint
+    checkpoints/best                 the name of the checkpoint of the best validation (checkpoint.best)
 
 The checkpoints directory is checkpoint.dir: RUN_DIR/checkpoints by default, or object storage
 (launcher/storage.py). Locally a save goes to step_000500.tmp/ and is renamed only once every
@@ -71,6 +72,15 @@ def latest_checkpoint(ckpt_dir: Path, note=lambda message: None) -> Path | None:
         note(f"checkpoints/latest names {named.name}, which is missing or incomplete; "
              + (f"using the newest complete checkpoint, {complete[-1].name}" if complete else "no complete checkpoint: starting fresh"))
     return complete[-1] if complete else None
+
+
+def best_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The checkpoint `best` names (checkpoint.best), if it is complete."""
+    pointer = ckpt_dir / "best"
+    if not pointer.is_file():
+        return None
+    named = ckpt_dir / pointer.read_text().strip()
+    return named if is_complete(named) else None
 
 
 def rng_state() -> dict:
@@ -274,10 +284,11 @@ class Checkpointer:
 
     # ------------------------------------------------------------ save
 
-    def save(self, step: int, strategy, meta: dict, files: dict | None = None, overlap: bool = True) -> None:
-        """Every rank calls this at the same step. `files`: {name: tensors and plain values} this rank
-        writes beside its part (a stream's state, a module's additions), published with the rest or not
-        at all. Returns once this rank's part is written (sync); for an async save, once the copy of the
+    def save(self, step: int, strategy, meta: dict, files: dict | None = None, overlap: bool = True,
+             best: bool = False) -> None:
+        """Every rank calls this at the same step. best: it is the best so far (`best` names it). `files`:
+        {name: tensors and plain values} this rank writes beside its part (a stream's state, a module's
+        additions), published with the rest or not at all. Returns once this rank's part is written (sync); for an async save, once the copy of the
         state has started (overlap: wait_staged() before the state changes) or completed (not overlap)."""
         self.wait()  # one save in flight at a time
         if step == self.last_saved_step:  # e.g. the end, right after an every_steps save
@@ -309,6 +320,8 @@ class Checkpointer:
                     remove_tree(final)
                 os.replace(tmp, final)
             write_text(self.dir / "latest", final.name)
+            if best:
+                write_text(self.dir / "best", final.name)
             self.prune()
 
         if result is None:
@@ -364,17 +377,25 @@ class Checkpointer:
         finalize()
         barrier()
 
-    def mark_finished(self, step: int) -> None:
-        """The run ended with this checkpoint and its final validation: a rerun has nothing to do."""
+    def mark_finished(self, step: int, after: dict | None = None) -> None:
+        """The run ended with this checkpoint and its final validation: a rerun has nothing to do.
+        `after`: what meta.json holds once that validation is done (its values, the monitors)."""
         path = self.dir / step_dir_name(step)
         if self.rank == 0 and is_complete(path):
-            write_text(path / "meta.json", json.dumps({**read_meta(path), "finished": True}))
+            write_text(path / "meta.json", json.dumps({**read_meta(path), **(after or {}), "finished": True}))
+
+    def mark_best(self, step: int) -> None:
+        """The checkpoint of `step`, already saved, turned out the best (the final validation's)."""
+        if self.rank == 0 and is_complete(self.dir / step_dir_name(step)):
+            write_text(self.dir / "best", step_dir_name(step))
+            self.prune()  # the previous best, if keep_last no longer holds it
 
     def prune(self) -> None:
         keep = set(complete_checkpoints(self.dir)[-self.cfg.keep_last :])
-        pointer = self.dir / "latest"
-        if pointer.is_file():
-            keep.add(self.dir / pointer.read_text().strip())  # never the one `latest` names
+        for name in ("latest", "best"):  # never the ones `latest` and `best` name
+            pointer = self.dir / name
+            if pointer.is_file():
+                keep.add(self.dir / pointer.read_text().strip())
         for path in complete_checkpoints(self.dir):
             if path not in keep:
                 remove_tree(path)

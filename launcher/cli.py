@@ -23,8 +23,8 @@ commands:
   launcher run CONFIG --nproc 8 --nnodes 2:4 --rdzv-endpoint HOST:PORT   elastic: 2 to 4 nodes, each runs this
   torchrun --nproc_per_node 2 -m launcher run CONFIG
   launcher plan CONFIG --nproc 8 [--nnodes 2]     batch math and memory per rank for every strategy, no training
-  launcher ls                                     the recipes and configs that ship
-  launcher export RUN_DIR [--step N] OUT.safetensors
+  launcher ls [RUN_DIR]                           the recipes and configs that ship, or a run's checkpoints
+  launcher export RUN_DIR [--step N | --best] OUT.safetensors
   launcher slurm CONFIG --nodes 4 --gpus-per-node 8 --submit   write RUN_DIR/slurm/job.sbatch and submit it
   launcher k8s CONFIG --nodes 2:4 --image IMAGE --pvc CLAIM    write RUN_DIR/k8s/job.yaml, an elastic PyTorchJob
   launcher plot RUN_DIR [RUN_DIR ...] --out runs.png  loss, lr and throughput of runs, overlaid
@@ -75,12 +75,15 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     add_config_args(plan)
     add_plan_arguments(plan)
 
-    sub.add_parser("ls", help="list the recipes and configs that ship")
+    ls = sub.add_parser("ls", help="list the recipes and configs that ship, or (RUN_DIR) a run's checkpoints")
+    ls.add_argument("run_dir", nargs="?", default=None, help="a run dir: its checkpoints, the latest and the best")
 
     export = sub.add_parser("export", help="write one consolidated safetensors file from a checkpoint")
     export.add_argument("run_dir")
     export.add_argument("out", help="the .safetensors file to write")
-    export.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    which = export.add_mutually_exclusive_group()
+    which.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    which.add_argument("--best", action="store_true", help="the checkpoint of the best validation (checkpoint.best)")
 
     from .slurm import add_arguments as add_slurm_arguments
 
@@ -172,6 +175,11 @@ def command(module: str, name: str):
 
 def cmd_ls(args=None) -> int:
     import ast
+
+    if args is not None and args.run_dir:
+        from .export import list_checkpoints
+
+        return list_checkpoints(Path(args.run_dir))
 
     root = Path(__file__).resolve().parent.parent
     recipes = sorted((root / "recipes").glob("*.py"))

@@ -29,7 +29,8 @@ class ProfileConfig(Section):
 
 
 class EarlyStopConfig(Section):
-    monitor: str = Field("val_loss", description="a validation value: val_loss or val_<metric>")
+    monitor: str = Field("val_loss", description="a value of the validation row: val_loss, or a metric the recipe's "
+                         "eval_step or metrics returns")
     mode: Literal["min", "max"] = Field("min", description="min: lower is better; max: higher is better")
     patience: int = Field(3, gt=0, description="validations in a row without improvement before the run stops")
     min_delta: float = Field(0.0, ge=0, description="the least change that counts as an improvement")
@@ -102,7 +103,8 @@ class DataConfig(Section):
 
 
 class BestConfig(Section):
-    monitor: str = Field("val_loss", description="a validation value: val_loss or val_<metric>")
+    monitor: str = Field("val_loss", description="a value of the validation row: val_loss, or a metric the recipe's "
+                         "eval_step or metrics returns")
     mode: Literal["min", "max"] = Field("min", description="min: lower is better; max: higher is better")
 
 

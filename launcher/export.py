@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import checkpoint_dir, complete_checkpoints, latest_checkpoint, read_meta, step_dir_name, step_of
+from .checkpoint import (best_checkpoint, checkpoint_dir, complete_checkpoints, latest_checkpoint, read_meta,
+                         step_dir_name, step_of)
 from .config import ConfigError, load_config
 from .fs import check_writable, replaced_atomically
 from .recipe import LightningAdapter, Recipe
@@ -19,7 +20,14 @@ from .storage import dcp_reader
 from .strategies.base import single_process_quiet
 
 
-def find_checkpoint(ckpt_dir: Path, step: int | None) -> Path:
+def find_checkpoint(ckpt_dir: Path, step: int | None, best: bool = False) -> Path:
+    if best:
+        path = best_checkpoint(ckpt_dir)
+        if path is None:
+            raise ConfigError(f"{ckpt_dir} has no best checkpoint: it is kept for runs with checkpoint.best "
+                              "{monitor: ..., mode: ...} once they have validated. Export the latest (no --best) "
+                              "or a step (--step N)")
+        return path
     if step is None:
         path = latest_checkpoint(ckpt_dir)
         if path is None:
@@ -33,21 +41,40 @@ def find_checkpoint(ckpt_dir: Path, step: int | None) -> Path:
 
 
 def cmd_export(args) -> int:
-    path, step = export(Path(args.run_dir), Path(args.out), args.step)
-    print(f"wrote {path} (the weights of step {step})")
+    path, step = export(Path(args.run_dir), Path(args.out), args.step, args.best)
+    print(f"wrote {path} (the weights of step {step}{', the best checkpoint' if args.best else ''})")
     return 0
 
 
-def export(run_dir: Path, out: Path, step: int | None = None) -> tuple[Path, int]:
-    """Write the weights of the checkpoint of `step` (default: the latest); returns (file, step)."""
+def list_checkpoints(run_dir: Path) -> int:
+    """`launcher ls RUN_DIR`: each complete checkpoint, its validation value if monitored, and which
+    ones `latest` and `best` name."""
+    cfg = run_config(run_dir)
+    ckpt_dir = checkpoint_dir(cfg.checkpoint, run_dir)
+    found = complete_checkpoints(ckpt_dir)
+    latest, best = latest_checkpoint(ckpt_dir), best_checkpoint(ckpt_dir)
+    print(f"checkpoints in {ckpt_dir}:" if found else f"no complete checkpoint in {ckpt_dir}")
+    for path in found:
+        val = ", ".join(f"{k}={v:.4g}" for k, v in read_meta(path).get("val", {}).items())
+        marks = ", ".join(name for name, p in (("latest", latest), ("best", best)) if p == path)
+        print(f"  {path.name}  {val:<40} {marks}".rstrip())
+    return 0
+
+
+def run_config(run_dir: Path):
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml in it)")
+    return load_config(run_dir / "config.yaml")
+
+
+def export(run_dir: Path, out: Path, step: int | None = None, best: bool = False) -> tuple[Path, int]:
+    """Write the weights of the checkpoint of `step` (default: the latest; best: the best); returns (file, step)."""
     if out.is_dir():
         raise ConfigError(f"{out} is a directory: give the file to write, e.g. {out / 'model.safetensors'}")
     check_writable(out.parent, f"{out} (its folder, {out.parent})",  # before the (long) load, not after
                    "give another output path, or fix the folder's permissions")
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml in it)")
-    cfg = load_config(run_dir / "config.yaml")
-    ckpt = find_checkpoint(checkpoint_dir(cfg.checkpoint, run_dir), step)
+    cfg = run_config(run_dir)
+    ckpt = find_checkpoint(checkpoint_dir(cfg.checkpoint, run_dir), step, best)
     recipe = Recipe.load(cfg.recipe, str(run_dir / "config.yaml"))
     model = recipe.build_model()
     meta = read_meta(ckpt)

@@ -64,13 +64,31 @@ def check_inputs(cfg: Config, world_size: int, origin: str, report_only: bool = 
     if resume is not None:
         check_resume_config(resume, cfg)
     check_writable(Path(cfg.run_dir))
-    train_set, _ = recipe.build_data()
+    train_set, val_set = recipe.build_data()
+    check_monitors(cfg, val_set)
     length = train_length(cfg, train_set, say)
     sizes = batch_sizes(cfg, data_world, length)  # a train set smaller than G
     if length is None:
         check_unknown_length(cfg, recipe, train_set)
     check_first_batch(cfg, recipe, train_set, sizes, probe_step)
     return Checked(recipe, sizes, resume)
+
+
+def monitored(cfg: Config) -> dict:
+    """{config key: its section} of checkpoint.best and train.early_stop, where set."""
+    return {key: section for key, section in (("checkpoint.best", cfg.checkpoint.best),
+                                              ("train.early_stop", cfg.train.early_stop)) if section is not None}
+
+
+def check_monitors(cfg: Config, val_set) -> None:
+    """checkpoint.best and train.early_stop compare validations: there must be some."""
+    for key, section in monitored(cfg).items():
+        if val_set is None:
+            raise ConfigError(f"{key} follows {section.monitor} from validation, and the recipe's data() returns no "
+                              "validation set: return (train, val), or leave out " + key)
+        if not cfg.train.eval_every_steps:
+            raise ConfigError(f"{key} compares validations, and train.eval_every_steps is not set (one validation, at "
+                              f"the end): set train.eval_every_steps, e.g. to checkpoint.every_steps")
 
 
 def check_checkpoint_dir(cfg: Config, strategy: str) -> None:
@@ -138,6 +156,13 @@ def check_first_batch(cfg: Config, recipe: Recipe, train_set, sizes: BatchSizes,
     recipe.check_trainable(model)
     with torch.enable_grad():
         recipe.check_loss_output(recipe.loss(model, batch), 0)
+    if monitored(cfg):  # the names validation gives, from one training batch
+        with torch.no_grad():
+            names = set(recipe.validation_values(model, batch))
+        for key, section in monitored(cfg).items():
+            if section.monitor not in names:
+                raise ConfigError(f"{key}.monitor={section.monitor} is not among the validation's values "
+                                  f"({', '.join(sorted(names))}): monitor one of them")
 
 
 def first_micro_batch(recipe: Recipe, train_set, size: int):
@@ -232,8 +257,15 @@ def finished(resume: Path, cfg: Config, sizes: BatchSizes) -> bool:
         done = meta.get("stream", {}).get("epoch", 0) >= cfg.train.epochs
     else:
         done = meta["step"] >= total
-    if not meta.get("finished") or not done:
+    stop, early = meta.get("monitors", {}).get("early_stop"), cfg.train.early_stop
+    stopped = bool(stop and early and stop["key"] == early.monitor and stop["bad"] >= early.patience)
+    if not meta.get("finished") or not (done or stopped):
         return False
+    if stopped and not done:
+        say(f"{cfg.run_dir} stopped early at step {meta['step']} ({early.monitor} did not improve for {stop['bad']} "
+            "validations): nothing to do. Raise train.early_stop.patience to train on, or set "
+            "checkpoint.resume=never to start afresh")
+        return True
     say(f"{cfg.run_dir} finished at step {meta['step']}: nothing to do. Raise train.max_steps (or "
         "train.epochs) to train on, or set checkpoint.resume=never to start afresh")
     return True

@@ -29,6 +29,7 @@ from .errors import NonFiniteError, Stopped
 from .evaluation import Evaluator
 from .fs import say
 from .loggers import Loggers, hms, last_logged_step
+from .monitor import Monitor
 from .optim import Schedule, build_optimizer, build_scheduler
 from .precision import Precision
 from .profiling import StepProfiler
@@ -88,6 +89,10 @@ class Trainer:
         self.steps = StepRunner(cfg, env, self.sizes, device, self.strategy, self.precision, self.run, self.recipe,
                                 self.checkpointer, self.watchdog, self.state)
         self.steps.schedule = self.schedule
+        self.best = Monitor.from_config(cfg.checkpoint.best)
+        self.early_stop = Monitor.from_config(cfg.train.early_stop, patience=True)
+        self.stopped_early: dict | None = None  # the validation row early stopping ended the run at
+        self.last_val: dict | None = None  # the newest validation row, kept in the checkpoint of its step
         if self.resumed_from is not None:
             self.restore(self.resumed_from)
         else:
@@ -142,8 +147,12 @@ class Trainer:
             self.run.hook("on_train_end")
             self.save()  # before the final validation: a failure there loses no trained step
             self.checkpointer.wait()
-            val = self.evaluate(self.data.last_epoch(self.state.step))
-            self.checkpointer.mark_finished(self.state.step)
+            # Early stopping has just validated this step; else the final validation, which the
+            # monitors take like any other (a longer rerun goes on from them).
+            val = self.stopped_early or self.evaluate(self.data.last_epoch(self.state.step))
+            if not self.stopped_early and self.follow(val)[0]:
+                self.checkpointer.mark_best(self.state.step)  # the last checkpoint, saved before it
+            self.checkpointer.mark_finished(self.state.step, {"val": values(val), "monitors": self.monitor_states()})
             self.run.hook("on_fit_end")
             self.run.hook("teardown", "fit")
             say(self.summary(val))
@@ -164,7 +173,7 @@ class Trainer:
 
     def train_loop(self) -> None:
         state, window, started, first = self.state, Window(), time.perf_counter(), True
-        while not state.done:
+        while not state.done and not self.stopped_early:
             epoch, batches, steps = self.data.epoch_from(state.step)
             self.run.hook("on_train_epoch_start")
             for _ in steps:
@@ -191,10 +200,14 @@ class Trainer:
                     window = Window()
                 if epoch_over:
                     self.end_epoch(epoch)
+                best = early = False
                 if state.should_evaluate(state.step):
-                    self.evaluate(epoch)
-                if state.should_save(state.step):
-                    self.save()
+                    best, early = self.follow(self.evaluate(epoch))
+                    self.stopped_early = self.last_val if early else None
+                if state.should_save(state.step) or best or early:
+                    self.save(best=best)
+                if early:
+                    break
                 if stop:
                     self.save()
                     self.checkpointer.wait()
@@ -202,13 +215,27 @@ class Trainer:
                 if state.done:
                     break
 
+    def follow(self, val: dict | None) -> tuple[bool, bool]:
+        """After a validation: (the best so far, so saved as the best checkpoint; patience is out, so
+        the run stops here). Every rank holds the same values and decides alike."""
+        if val is None:
+            return False, False
+        best = bool(self.best) and self.best.update(val, self.state.step)
+        if self.early_stop:
+            self.early_stop.update(val, self.state.step)
+        return best, bool(self.early_stop) and self.early_stop.exhausted
+
     def summary(self, val: dict | None) -> str:
         """The last line of a run: what it did, and where its result is."""
-        metrics = "" if not val else "; " + ", ".join(
-            f"{k}={v:.4g}" for k, v in val.items() if k not in ("step", "epoch", "split") and isinstance(v, float))
+        metrics = "".join(f"{'; ' if i == 0 else ', '}{k}={v:.4g}" for i, (k, v) in enumerate(values(val).items()))
         path = self.checkpointer.dir / step_dir_name(self.state.step)
-        return (f"done: {self.state.step} steps in {hms(time.time() - STARTED_AT)}{metrics}; checkpoint {path}; "
-                f"its weights as one file: launcher export {self.run_dir} model.safetensors")
+        why = ""
+        if self.stopped_early:
+            stop = self.early_stop
+            why = (f" (stopped early: {stop.key} did not improve for {stop.bad} validations; best {stop.describe()})")
+        best = f"; best checkpoint {self.best.describe()}" if self.best else ""
+        return (f"done{why}: {self.state.step} steps in {hms(time.time() - STARTED_AT)}{metrics}; checkpoint {path}"
+                f"{best}; its weights as one file: launcher export {self.run_dir} model.safetensors")
 
     def first_step_done(self, window: Window, compiling: bool) -> None:
         """What start-up cost (imports, set-up, a compile's first trace); a compile stays out of the rates."""
@@ -251,14 +278,19 @@ class Trainer:
             raise
         if row is not None:
             self.loggers.log(row)
+        self.last_val = row
         return row
 
     # ------------------------------------------------------------ checkpoints
 
-    def save(self) -> None:
+    def save(self, best: bool = False) -> None:
+        """best: this step's validation is the best so far (checkpoint.best)."""
         self.steps.read_flags()  # a step skipped for a non-finite gradient under on_nonfinite=stop saves nothing
         position, files = self.data.checkpoint(self.state.step)
         meta = self.state.meta(self.strategy.name, self.schedule, self.precision.scaler, position)
+        meta["monitors"] = self.monitor_states()
+        if self.last_val and self.last_val["step"] == self.state.step:
+            meta["val"] = values(self.last_val)
         extra = {}  # what a LightningModule adds to its checkpoint in on_save_checkpoint
         self.run.hook("on_save_checkpoint", extra)
         if extra and self.env.is_main:
@@ -268,13 +300,21 @@ class Trainer:
             # Hooks that run before the next optimizer step may change the weights: then an async
             # save finishes copying them here.
             self.checkpointer.save(self.state.step, self.strategy, meta, files,
-                                   overlap=not self.run.hooks_between_steps)
+                                   overlap=not self.run.hooks_between_steps, best=best)
         finally:
             self.watchdog.suspend(False)
+
+    def monitors(self) -> dict[str, Monitor]:
+        return {name: m for name, m in (("best", self.best), ("early_stop", self.early_stop)) if m}
+
+    def monitor_states(self) -> dict:
+        return {name: m.state_dict() for name, m in self.monitors().items()}
 
     def restore(self, path: Path) -> None:
         meta = self.checkpointer.load(path, self.strategy)
         self.state.restore(meta, self.schedule, self.precision.scaler)
+        for name, monitor in self.monitors().items():
+            monitor.load_state_dict(meta.get("monitors", {}).get(name))
         self.checkpointer.last_saved_step = self.state.step  # that checkpoint is this state
         self.data.restore(self.state.step, meta, path)
         self.run.hook("on_load_checkpoint", self.checkpointer.load_extra(path))
@@ -288,6 +328,11 @@ class Trainer:
             return
         say((f"restart {restart}: the worker group restarted after a failure and " if restart else "")
             + f"resumed from {path} at step {self.state.step}")
+
+
+def values(row: dict | None) -> dict:
+    """A validation row's numbers, without its place (step, epoch, split)."""
+    return {k: v for k, v in (row or {}).items() if k not in ("step", "epoch", "split") and isinstance(v, float)}
 
 
 def train(cfg: Config, env: DistEnv, device: torch.device, recipe: Recipe | None = None) -> None:
