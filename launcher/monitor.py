@@ -64,3 +64,43 @@ class Monitor:
 
     def describe(self) -> str:
         return f"{self.key}={self.best:.4g} at step {self.best_step}" if self.best is not None else "none yet"
+
+
+class Monitors:
+    """A run's checkpoint.best and train.early_stop (either may be None)."""
+
+    def __init__(self, cfg):
+        self.best = Monitor.from_config(cfg.checkpoint.best)
+        self.early_stop = Monitor.from_config(cfg.train.early_stop, patience=True)
+
+    def follow(self, val: dict | None, step: int) -> tuple[bool, bool]:
+        """After a validation: (it is the best so far: save it as the best checkpoint; patience is out:
+        the run stops here)."""
+        if val is None:
+            return False, False
+        best = bool(self.best) and self.best.update(val, step)
+        if self.early_stop:
+            self.early_stop.update(val, step)
+        return best, bool(self.early_stop) and self.early_stop.exhausted
+
+    def named(self) -> dict[str, Monitor]:
+        return {name: m for name, m in (("best", self.best), ("early_stop", self.early_stop)) if m}
+
+    def state_dict(self) -> dict:
+        return {name: m.state_dict() for name, m in self.named().items()}
+
+    def load_state_dict(self, states: dict) -> None:
+        for name, monitor in self.named().items():
+            monitor.load_state_dict(states.get(name))
+
+    def best_note(self) -> str:
+        return f"; best checkpoint {self.best.describe()}" if self.best else ""
+
+    def why_stopped(self) -> str:
+        stop = self.early_stop
+        return f"stopped early: {stop.key} did not improve for {stop.bad} validations; best {stop.describe()}"
+
+
+def values(row: dict | None) -> dict:
+    """A validation row's numbers, without its place (step, epoch, split)."""
+    return {k: v for k, v in (row or {}).items() if k not in ("step", "epoch", "split") and isinstance(v, float)}

@@ -1,11 +1,14 @@
 """Where a run stands and when each thing happens.
 
-The step counter and the skipped steps are the run's state: what a checkpoint's meta.json holds
-beside the model (with the schedule, the gradient scaler, the data's position and the resolved
-config, which a resume under a config that changes the math is refused against). The cadences
+The step counter, the skipped steps and the monitors (checkpoint.best, train.early_stop) are the
+run's state: what a checkpoint's meta.json holds beside the model (with the schedule, the gradient
+scaler, the data's position, the validation of its step and the resolved config, which a resume
+under a config that changes the math is refused against). The cadences
 say at which steps the loop logs, evaluates and saves, so the loop itself is a list of calls.
 """
 from __future__ import annotations
+
+from .monitor import Monitors, values
 
 
 class RunState:
@@ -13,6 +16,8 @@ class RunState:
         self.cfg, self.env, self.sizes, self.total_steps, self.device = cfg, env, sizes, total_steps, device
         self.step = 0  # optimizer steps done
         self.skipped_steps = 0  # of those, the ones whose update was skipped (non-finite, fp16 overflow)
+        self.monitors = Monitors(cfg)
+        self.last_val: dict | None = None  # the newest validation row
 
     @property
     def epoch(self) -> int:
@@ -49,13 +54,31 @@ class RunState:
             "scheduler": schedule.state_dict(),
             "scaler": scaler.state_dict() if scaler else None,
             "config": self.cfg.to_dict(),  # a resume under a config that changes the math is refused
+            "monitors": self.monitors.state_dict(),
         }
         if data_position is not None:
             meta["stream"] = data_position
+        if self.last_val and self.last_val["step"] == self.step:
+            meta["val"] = values(self.last_val)
         return meta
+
+    def after_final_validation(self) -> dict:
+        """What meta.json holds once the final validation is done (its values, the monitors after it)."""
+        return {"val": values(self.last_val), "monitors": self.monitors.state_dict()}
+
+    def resumed_note(self, path, meta: dict, restart: int, logged: int | None) -> str:
+        """The line a resume prints: from where, and what changed (a restart, another world size)."""
+        saved_world = meta.get("world_size", self.env.world_size)
+        if saved_world != self.env.world_size:  # an elastic job lost or gained a node (or a rerun chose so)
+            redone = max(0, (logged or self.step) - self.step)
+            return (f"resized: world size {saved_world} -> {self.env.world_size}; resumed from {path} at step "
+                    f"{self.step}, {redone} logged step(s) redone")
+        return ((f"restart {restart}: the worker group restarted after a failure and " if restart else "")
+                + f"resumed from {path} at step {self.step}")
 
     def restore(self, meta: dict, schedule, scaler) -> None:
         self.step, self.skipped_steps = meta["step"], meta["skipped_steps"]
+        self.monitors.load_state_dict(meta.get("monitors", {}))
         schedule.load_state_dict(meta["scheduler"])
         if scaler and meta.get("scaler"):
             scaler.load_state_dict(meta["scaler"])

@@ -29,7 +29,7 @@ from .errors import NonFiniteError, Stopped
 from .evaluation import Evaluator
 from .fs import say
 from .loggers import Loggers, hms, last_logged_step
-from .monitor import Monitor
+from .monitor import values
 from .optim import Schedule, build_optimizer, build_scheduler
 from .precision import Precision
 from .profiling import StepProfiler
@@ -89,10 +89,7 @@ class Trainer:
         self.steps = StepRunner(cfg, env, self.sizes, device, self.strategy, self.precision, self.run, self.recipe,
                                 self.checkpointer, self.watchdog, self.state)
         self.steps.schedule = self.schedule
-        self.best = Monitor.from_config(cfg.checkpoint.best)
-        self.early_stop = Monitor.from_config(cfg.train.early_stop, patience=True)
         self.stopped_early: dict | None = None  # the validation row early stopping ended the run at
-        self.last_val: dict | None = None  # the newest validation row, kept in the checkpoint of its step
         if self.resumed_from is not None:
             self.restore(self.resumed_from)
         else:
@@ -147,12 +144,11 @@ class Trainer:
             self.run.hook("on_train_end")
             self.save()  # before the final validation: a failure there loses no trained step
             self.checkpointer.wait()
-            # Early stopping has just validated this step; else the final validation, which the
-            # monitors take like any other (a longer rerun goes on from them).
+            # Early stopping has just validated this step; else the final validation (monitored too).
             val = self.stopped_early or self.evaluate(self.data.last_epoch(self.state.step))
-            if not self.stopped_early and self.follow(val)[0]:
+            if not self.stopped_early and self.state.monitors.follow(val, self.state.step)[0]:
                 self.checkpointer.mark_best(self.state.step)  # the last checkpoint, saved before it
-            self.checkpointer.mark_finished(self.state.step, {"val": values(val), "monitors": self.monitor_states()})
+            self.checkpointer.mark_finished(self.state.step, self.state.after_final_validation())
             self.run.hook("on_fit_end")
             self.run.hook("teardown", "fit")
             say(self.summary(val))
@@ -202,40 +198,26 @@ class Trainer:
                     self.end_epoch(epoch)
                 best = early = False
                 if state.should_evaluate(state.step):
-                    best, early = self.follow(self.evaluate(epoch))
-                    self.stopped_early = self.last_val if early else None
+                    # The values are the same on every rank: every rank decides alike.
+                    best, early = state.monitors.follow(self.evaluate(epoch), state.step)
+                    self.stopped_early = state.last_val if early else None
                 if state.should_save(state.step) or best or early:
                     self.save(best=best)
-                if early:
-                    break
                 if stop:
                     self.save()
                     self.checkpointer.wait()
                     raise Stopped(self.signals.first or "a signal")
-                if state.done:
+                if state.done or early:
                     break
-
-    def follow(self, val: dict | None) -> tuple[bool, bool]:
-        """After a validation: (the best so far, so saved as the best checkpoint; patience is out, so
-        the run stops here). Every rank holds the same values and decides alike."""
-        if val is None:
-            return False, False
-        best = bool(self.best) and self.best.update(val, self.state.step)
-        if self.early_stop:
-            self.early_stop.update(val, self.state.step)
-        return best, bool(self.early_stop) and self.early_stop.exhausted
 
     def summary(self, val: dict | None) -> str:
         """The last line of a run: what it did, and where its result is."""
         metrics = "".join(f"{'; ' if i == 0 else ', '}{k}={v:.4g}" for i, (k, v) in enumerate(values(val).items()))
         path = self.checkpointer.dir / step_dir_name(self.state.step)
-        why = ""
-        if self.stopped_early:
-            stop = self.early_stop
-            why = (f" (stopped early: {stop.key} did not improve for {stop.bad} validations; best {stop.describe()})")
-        best = f"; best checkpoint {self.best.describe()}" if self.best else ""
+        why = f" ({self.state.monitors.why_stopped()})" if self.stopped_early else ""
         return (f"done{why}: {self.state.step} steps in {hms(time.time() - STARTED_AT)}{metrics}; checkpoint {path}"
-                f"{best}; its weights as one file: launcher export {self.run_dir} model.safetensors")
+                f"{self.state.monitors.best_note()}; its weights as one file: launcher export {self.run_dir} "
+                "model.safetensors")
 
     def first_step_done(self, window: Window, compiling: bool) -> None:
         """What start-up cost (imports, set-up, a compile's first trace); a compile stays out of the rates."""
@@ -278,7 +260,7 @@ class Trainer:
             raise
         if row is not None:
             self.loggers.log(row)
-        self.last_val = row
+        self.state.last_val = row
         return row
 
     # ------------------------------------------------------------ checkpoints
@@ -288,9 +270,6 @@ class Trainer:
         self.steps.read_flags()  # a step skipped for a non-finite gradient under on_nonfinite=stop saves nothing
         position, files = self.data.checkpoint(self.state.step)
         meta = self.state.meta(self.strategy.name, self.schedule, self.precision.scaler, position)
-        meta["monitors"] = self.monitor_states()
-        if self.last_val and self.last_val["step"] == self.state.step:
-            meta["val"] = values(self.last_val)
         extra = {}  # what a LightningModule adds to its checkpoint in on_save_checkpoint
         self.run.hook("on_save_checkpoint", extra)
         if extra and self.env.is_main:
@@ -304,35 +283,14 @@ class Trainer:
         finally:
             self.watchdog.suspend(False)
 
-    def monitors(self) -> dict[str, Monitor]:
-        return {name: m for name, m in (("best", self.best), ("early_stop", self.early_stop)) if m}
-
-    def monitor_states(self) -> dict:
-        return {name: m.state_dict() for name, m in self.monitors().items()}
-
     def restore(self, path: Path) -> None:
         meta = self.checkpointer.load(path, self.strategy)
         self.state.restore(meta, self.schedule, self.precision.scaler)
-        for name, monitor in self.monitors().items():
-            monitor.load_state_dict(meta.get("monitors", {}).get(name))
         self.checkpointer.last_saved_step = self.state.step  # that checkpoint is this state
         self.data.restore(self.state.step, meta, path)
         self.run.hook("on_load_checkpoint", self.checkpointer.load_extra(path))
-        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-        saved_world = meta.get("world_size", self.env.world_size)
-        if saved_world != self.env.world_size:  # an elastic job lost or gained a node (or a rerun chose so)
-            logged = last_logged_step(self.run_dir / "metrics.jsonl") if self.env.is_main else None
-            redone = max(0, (logged or self.state.step) - self.state.step)
-            say(f"resized: world size {saved_world} -> {self.env.world_size}; resumed from {path} at step "
-                f"{self.state.step}, {redone} logged step(s) redone")
-            return
-        say((f"restart {restart}: the worker group restarted after a failure and " if restart else "")
-            + f"resumed from {path} at step {self.state.step}")
-
-
-def values(row: dict | None) -> dict:
-    """A validation row's numbers, without its place (step, epoch, split)."""
-    return {k: v for k, v in (row or {}).items() if k not in ("step", "epoch", "split") and isinstance(v, float)}
+        logged = last_logged_step(self.run_dir / "metrics.jsonl") if self.env.is_main else None
+        say(self.state.resumed_note(path, meta, int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), logged))
 
 
 def train(cfg: Config, env: DistEnv, device: torch.device, recipe: Recipe | None = None) -> None:
