@@ -23,6 +23,7 @@ commands:
   launcher run CONFIG --nproc 8 --nnodes 2:4 --rdzv-endpoint HOST:PORT   elastic: 2 to 4 nodes, each runs this
   torchrun --nproc_per_node 2 -m launcher run CONFIG
   launcher plan CONFIG --nproc 8 [--nnodes 2]     batch math and memory per rank for every strategy, no training
+  launcher plan CONFIG --nproc 8 --nnodes 2:4     ... and, a row per node count, what an elastic job meets
   launcher ls [RUN_DIR]                           the recipes and configs that ship, or a run's checkpoints
   launcher export RUN_DIR [--step N | --best] OUT.safetensors
   launcher slurm CONFIG --nodes 4 --gpus-per-node 8 --submit   write RUN_DIR/slurm/job.sbatch and submit it

@@ -620,25 +620,79 @@ def tp_table(cfg, recipe, world_size: int, per_node: int) -> list[str]:
     return ["  ".join(v.ljust(w) for v, w in zip(t, widths)).rstrip() for t in table]
 
 
+def node_range_table(cfg, recipe, nproc: int, low: int, high: int) -> list[str]:
+    """--nnodes MIN:MAX: at each node count an elastic job may run on, the batch math and what a rank
+    of the config's strategy holds (the rank holding the most), or why that size cannot run."""
+    from .batch import batch_sizes
+    from .config import ConfigError
+    from .strategies import resolve_name, strategy_class
+
+    table = [["nodes", "world", "micro", "accumulation", "strategy", "parameters", "gradients", "optimizer",
+              "total"]]
+    for n in range(low, high + 1):
+        c, world = at_nodes(cfg, n), n * nproc
+        data = world // c.tp.size
+        try:  # the checks check_node_range makes at this size
+            sizes = batch_sizes(c, data)
+            strategy_class(resolve_name(c.strategy, world, c.tp.size)).check(c, sizes, data, nproc // c.tp.size)
+            key = chosen(c, world)
+            _, most = ROWS[key][1](setup(c, recipe, world)).largest
+        except ConfigError as e:
+            table.append([str(n), str(world), f"cannot run: {str(e).split(':')[0]}"])
+            continue
+        table.append([str(n), str(world), str(sizes.micro_batch), str(sizes.accumulation), ROWS[key][0],
+                      cell(most.parameters)[0], cell(most.grads)[0], cell(most.optimizer)[0],
+                      human(most.total.bytes) + (" + ?" if most.optim is None else "")])
+    whole = [t for t in table if len(t) == len(table[0])]
+    widths = [max(len(t[i]) for t in whole) for i in range(len(table[0]))]
+    return ["  ".join(v.ljust(w) for v, w in zip(t, widths)).rstrip() for t in table]
+
+
+def at_nodes(cfg, nodes: int):
+    """The config on `nodes` nodes: fsdp.replicate=nodes is one replica group per node."""
+    if cfg.fsdp.replicate != "nodes":
+        return cfg
+    cfg = cfg.model_copy(deep=True)
+    cfg.fsdp.replicate = nodes
+    return cfg
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nproc", type=int, default=1, help="processes per node to plan for")
-    p.add_argument("--nnodes", type=int, default=1, help="nodes to plan for (world size = nproc x nnodes)")
+    p.add_argument("--nnodes", default="1", metavar="N|MIN:MAX",
+                   help="nodes to plan for (world size = nproc x nnodes); MIN:MAX: an elastic job's range, with "
+                   "the batch math and memory per rank at each node count")
 
 
 def cmd_plan(args) -> int:
     import yaml
 
+    from .batch import batch_sizes
     from .config import ConfigError, load_config
-    from .preflight import check_inputs
+    from .preflight import check_inputs, check_node_range, parse_nodes
 
-    for flag, value in (("--nproc", args.nproc), ("--nnodes", args.nnodes)):
-        if value < 1:
-            raise ConfigError(f"{flag} {value}: it must be at least 1")
-    world_size = args.nproc * args.nnodes
-    cfg = load_config(args.config, args.overrides)
-    if cfg.fsdp.replicate == "nodes":  # one replica group per node: the plan's --nnodes
-        cfg.fsdp.replicate = args.nnodes
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc {args.nproc}: it must be at least 1")
+    low, high = parse_nodes(args.nnodes, "--nnodes", ":")  # as `launcher run --nnodes` takes it
+    loaded = load_config(args.config, args.overrides)
+
+    def splits(nodes: int) -> bool:
+        try:
+            batch_sizes(loaded, nodes * args.nproc // loaded.tp.size)
+        except ConfigError:
+            return False
+        return True
+
+    # The whole plan at one size: the fewest nodes whose batch splits, where a sharded rank holds the most.
+    nodes = next((n for n in range(low, high + 1) if splits(n)), low)
+    world_size = args.nproc * nodes
+    cfg = at_nodes(loaded, nodes)
     checked = check_inputs(cfg, world_size, args.config, report_only=True)
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    print(describe(cfg, checked.recipe, world_size, nodes=args.nnodes))
+    print(describe(cfg, checked.recipe, world_size, nodes=nodes))
+    if low < high:
+        print(f"\nelastic, {low} to {high} nodes x {args.nproc} process(es) (the plan above: {nodes} node(s)); the "
+              "config's strategy at each size, memory per rank (the rank holding the most):")
+        print("\n".join("  " + line for line in node_range_table(loaded, checked.recipe, args.nproc, low, high)))
+        check_node_range(loaded, args.nproc, low, high)  # a size that cannot run: exit 2, as `launcher run` would
     return 0

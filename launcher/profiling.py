@@ -3,7 +3,9 @@
 `train.profile: {start_step: N, steps: K}` records optimizer steps N .. N+K-1 (step 1 is
 the run's first) on the CPU, and on the GPU too with CUDA, and writes them as one Chrome
 trace JSON per rank to RUN_DIR/profile/, which Perfetto (ui.perfetto.dev) and
-TensorBoard's profiler plugin open. Each recorded step is one span named `step N`.
+TensorBoard's profiler plugin open. Each recorded step is one span named `ProfilerStep#N`,
+torch's own, by which TensorBoard's plugin and HTA break a trace down, with N the optimizer
+step. A run that ends inside the window has one more span, of what ran after its last step.
 
 The trainer drives it:
 
@@ -40,7 +42,6 @@ class StepProfiler:
         self.out_dir, self.rank, self.cuda = Path(out_dir), rank, cuda
         self.path: Path | None = None  # the trace, once written
         self.prof = None  # the running torch.profiler.profile
-        self.span = None  # the record_function of the step being recorded
         self.recorded: list[int] = []
         if first - 1 <= step < self.last:  # resumed inside the window: record what is left of it
             self.start(step)
@@ -64,7 +65,7 @@ class StepProfiler:
         if step >= self.last:
             self.finish()
         else:
-            self.open_span(step + 1)
+            self.prof.step()  # ends ProfilerStep#step, begins ProfilerStep#step+1
 
     def close(self) -> None:
         """The loop ended (or failed) inside the window: keep what was recorded."""
@@ -74,26 +75,17 @@ class StepProfiler:
     # ------------------------------------------------------------ internals
 
     def start(self, step: int) -> None:
-        from torch.profiler import ProfilerActivity, profile
+        from torch.profiler import ProfilerAction, ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
         # No shapes, stacks or memory events: the trace stays small enough to open in a browser.
-        self.prof = profile(activities=activities)
+        # A schedule (any) makes torch mark each step() with a ProfilerStep#<step_num> span; this
+        # one records every step, and step_num starts at the launcher's step, not torch's 0.
+        self.prof = profile(activities=activities, schedule=lambda _: ProfilerAction.RECORD)
+        self.prof.step_num = step + 1
         self.prof.start()
-        self.open_span(step + 1)
-
-    def open_span(self, step: int) -> None:
-        self.close_span()
-        self.span = torch.profiler.record_function(f"step {step}")
-        self.span.__enter__()
-
-    def close_span(self) -> None:
-        if self.span is not None:
-            self.span.__exit__(None, None, None)
-            self.span = None
 
     def finish(self) -> None:
-        self.close_span()
         if self.cuda:
             torch.cuda.synchronize()  # the steps' kernels belong in the trace
         prof, self.prof = self.prof, None

@@ -8,14 +8,18 @@ without saving (exit 130). What this process then says about checkpoints is read
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import logging
 import os
 import signal
 import socket
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch.distributed import DistError
 from torch.distributed.elastic.agent.server.api import WorkerState
 from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
@@ -92,6 +96,7 @@ def spawn(worker_argv: list[str], ckpt_dir: Path, **options) -> int:
         # later waits for it forever. Each round's rank 0 then publishes a fresh address.
         os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
         LocalElasticAgent._stop_workers = stop_workers_for_a_new_round
+        quiet_cpp_warnings()
     set_worker_threads(options["nproc"])
     logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)  # its shutdown notes: ours say it
     interrupts = Interrupts()
@@ -137,18 +142,45 @@ def elastic_rendezvous_failed(e: Exception, ckpt_dir: Path, elastic: Elastic, rd
                               timeout_s: float, nproc: int, **_) -> str:
     """An elastic job's rendezvous that could not complete: what the job had and needs, and that nothing
     is lost."""
+    last = last_world_size(ckpt_dir)
+    if connection_closed(e):
+        had = f" It last trained on {last // nproc} node(s) (world size {last})." if last else ""
+        return (f"lost the rendezvous host {rdzv_endpoint}: the node at that address, which hosts this elastic job's "
+                f"rendezvous, went away (its connection closed), and the job cannot go on without it (torchrun has no "
+                f"failover for it).{had} Nothing is lost: {newest_note(ckpt_dir)}. Start the job again with the same "
+                f"command on every node, the one at {rdzv_endpoint} first")
     if isinstance(e, RendezvousTimeoutError):
         what = f"fewer than {elastic.min_nodes} node(s) met at {rdzv_endpoint} within {timeout_s:g} s (dist.timeout_s)"
     else:
         what = (f"the rendezvous at {rdzv_endpoint} could not be reached: the node at that address hosts it, and it "
                 f"has not started, has stopped or finished, or the address is wrong ({type(e).__name__}: "
                 f"{(str(e).splitlines() or [''])[0][:160]})")
-    last = last_world_size(ckpt_dir)
     had = f"it last trained on {last // nproc} node(s) (world size {last}); " if last else ""
     return (f"this elastic job needs at least {elastic.min_nodes} of at most {elastic.max_nodes} node(s) (--nnodes "
             f"{elastic.min_nodes}:{elastic.max_nodes}), and {what}: {had}this node ({socket.gethostname()}) was one of "
             f"the ones waiting. Nothing is lost: {newest_note(ckpt_dir)}. Start the missing nodes with the same command "
             "(or use a smaller MIN)")
+
+
+def connection_closed(e: BaseException) -> bool:
+    """The rendezvous store's connection was open and broke (its host went away), as opposed to one
+    that never opened (the host not up yet, a wrong address): the C++ error is the exception's cause."""
+    text = "".join(traceback.format_exception(e, limit=0))  # the messages of the chain, no frames
+    return any(s in text for s in ("Failed to recv, got 0 bytes", "Broken pipe", "Connection reset by peer"))
+
+
+def quiet_cpp_warnings() -> None:
+    """When the node hosting the rendezvous goes away, every call to its TCP store logs a C++ warning with
+    ~15 lines of stack frames: in this process (the agent's heartbeats and its next rendezvous) and, under
+    NCCL, in the workers (the heartbeat monitor's "should dump" check). One line says it instead
+    (elastic_rendezvous_failed). C++ errors still print; a TORCH_CPP_LOG_LEVEL of the user's decides."""
+    if "TORCH_CPP_LOG_LEVEL" in os.environ:
+        return
+    os.environ["TORCH_CPP_LOG_LEVEL"] = "ERROR"  # the workers, which read it when they load torch
+    # This process loaded torch already, which read the variable then: set the flag it keeps the level in.
+    with contextlib.suppress(OSError, ValueError):
+        libc10 = Path(torch.__file__).parent / "lib" / "libc10.so"
+        ctypes.c_int.in_dll(ctypes.CDLL(str(libc10)), "FLAGS_caffe2_log_level").value = 2  # ERROR
 
 
 def last_world_size(ckpt_dir: Path) -> int | None:

@@ -227,6 +227,28 @@ def test_below_min_nodes_the_job_ends_with_one_message_and_a_rerun_resumes(tmp_p
     print(f"below MIN: the job ended {ended_s:.1f} s after the loss (dist.timeout_s=20)")
 
 
+def test_a_lost_rendezvous_host_is_one_line_on_the_other_node(tmp_path, nodes):
+    """The node hosting the rendezvous store dies: the other node's agent finds its store connection closed.
+    torch's C++ TCPStore client logs a warning with ~15 lines of stack frames for each call that fails; the
+    node prints the launcher's one line instead, and exits 1."""
+    run_dir = tmp_path / "run"
+    cfg = elastic_config(tmp_path / "c.yaml", run_dir)
+    endpoint = port()
+    nodes.append(Node(cfg, "1:2", endpoint, tmp_path / "a.log", host=True))
+    nodes.append(Node(cfg, "1:2", endpoint, tmp_path / "b.log", host=False))
+    host, other = nodes
+    wait_for(run_dir, lambda r: r["world_size"] == 2 and r["step"] >= EVERY + 1, "world size 2 past a save", nodes)
+    host.kill()
+    assert other.wait() == 1
+    text = other.text()
+    lost = [line for line in text.splitlines() if line.startswith("error: lost the rendezvous host")]
+    assert len(lost) == 1 and lost[0].startswith(f"error: lost the rendezvous host 127.0.0.1:{endpoint}: "), text[-4000:]
+    assert "It last trained on 2 node(s) (world size 2)" in lost[0] and "resumes from" in lost[0], lost
+    assert text.rstrip().endswith(lost[0]), text[-4000:]  # the last word
+    for noise in ("frame #", "Exception raised from", "TCPStore.cpp", "Traceback"):
+        assert noise not in text, text[-4000:]
+
+
 def test_every_world_size_is_checked_before_any_worker(tmp_path):
     cfg = elastic_config(tmp_path / "c.yaml", tmp_path / "run")
     proc = run(["run", cfg, "--nproc", 1, "--nnodes", "2:5", "--rdzv-endpoint", "127.0.0.1:29999"])

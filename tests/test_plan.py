@@ -5,12 +5,14 @@
   ZeRO-1/2/3 one after the other, and records `strategy.local_numel()` per rank; the
   plan's parameter and optimizer-state elements must equal them exactly.
 - fast: FSDP's split against torch.chunk at world sizes 2 cannot show (3, 4), frozen,
-  tied and optimizer-state counting, a recipe optimizer, and the CLI's table and bad input.
+  tied and optimizer-state counting, a recipe optimizer, and the CLI's table, its node-range table
+  (--nnodes MIN:MAX) and bad input.
 """
 from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -239,3 +241,37 @@ def test_setup_peak_per_rank(tmp_path):
     zero3 = peaks("zero3", "tied", init_weights=False)
     assert zero3[0].host == whole and zero3[1].host == 0 and zero3[1].device >= 3 * (whole // 2)
     assert all(p.host == whole for p in peaks("ddp", "tied", init_weights=False))
+
+
+def test_cli_node_range_has_a_row_per_node_count(tmp_path):
+    """--nnodes MIN:MAX (an elastic job's range): at each node count the batch math and what a rank of the
+    config's strategy holds; a size the global batch does not split is flagged, and the plan exits 2 as
+    `launcher run` would."""
+    from launcher.plan import human
+
+    config = job_config("fsdp", "tied", tmp_path / "r")  # G 16, micro batch at most 4
+    proc = run(["plan", write_config(tmp_path / "c.yaml", config), "--nproc", 2, "--nnodes", "1:4"])
+    assert proc.returncode == 2, proc.stderr
+    assert "world size: 2   " in proc.stdout  # the whole plan at the fewest nodes
+    table = proc.stdout[proc.stdout.index("elastic, 1 to 4 nodes x 2 process(es)"):].splitlines()[1:]
+    rows = {int(cols[0]): cols for cols in (re.split(r"\s{2,}", line.strip()) for line in table[1:5])}
+    assert table[0].split()[:5] == ["nodes", "world", "micro", "accumulation", "strategy"]
+    for nodes, world, micro, accumulation in ((1, 2, 4, 2), (2, 4, 4, 1), (4, 8, 2, 1)):
+        _, most = plan_for(config, world)["fsdp"].largest
+        assert rows[nodes][1:5] == [str(world), str(micro), str(accumulation), "fsdp"]
+        assert rows[nodes][-1] == human(most.total.bytes)  # fsdp: less a rank the more ranks there are
+    assert rows[3][1:] == ["6", "cannot run: train.global_batch_size=16 cannot be split evenly over 6 processes, "
+                                "whatever the micro batch"]
+    assert "cannot be split evenly at world size 6, which this elastic job (1 to 4 nodes x 2 worker(s))" in proc.stderr
+
+    proc = check(run(["plan", write_config(tmp_path / "c.yaml", config), "--nproc", 2, "--nnodes", "2:4",
+                      "train.global_batch_size=48"]))
+    assert "world size: 4 (2 nodes x 2 processes)" in proc.stdout
+    assert "cannot run" not in proc.stdout
+
+
+@pytest.mark.parametrize("nnodes", ["3:2", "0", "0:2", "a:b", "1.5", "1:2:3"])
+def test_cli_bad_node_range_exits_2(tmp_path, nnodes):
+    config = write_config(tmp_path / "c.yaml", job_config("ddp", "tied", tmp_path / "r"))
+    proc = run(["plan", config, "--nnodes", nnodes])
+    assert proc.returncode == 2 and f"--nnodes {nnodes}: give a number of nodes" in proc.stderr, proc.stderr

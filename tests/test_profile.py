@@ -23,9 +23,10 @@ def traces(run_dir: Path) -> list[Path]:
 
 
 def step_spans(trace: Path) -> list[str]:
-    """The `step N` spans in a Chrome trace, in order of appearance."""
+    """torch's `ProfilerStep#N` spans in a Chrome trace, each as often as it occurs, by N."""
     events = json.loads(trace.read_text())["traceEvents"]
-    return sorted({e["name"] for e in events if str(e.get("name", "")).startswith("step ")})
+    names = [e["name"] for e in events if str(e.get("name", "")).startswith("ProfilerStep#")]
+    return sorted(names, key=lambda name: int(name.split("#")[1]))
 
 
 def train(profiler, steps: int, first: int = 1) -> None:
@@ -52,22 +53,25 @@ def test_records_exactly_the_chosen_steps(tmp_path):
     (trace,) = traces(tmp_path)
     assert trace.name == "rank0.steps_2-3.pt.trace.json"
     events = json.loads(trace.read_text())["traceEvents"]
-    assert any("mm" in str(e.get("name", "")) for e in events)  # the steps' own work is in it
-    assert step_spans(trace) == ["step 2", "step 3"]
+    assert step_spans(trace) == ["ProfilerStep#2", "ProfilerStep#3"]
+    # each step's own work lies inside its span
+    mms = [e["ts"] for e in events if e.get("name") == "aten::mm"]
+    for span in (e for e in events if str(e.get("name", "")).startswith("ProfilerStep#")):
+        assert any(span["ts"] <= t <= span["ts"] + span["dur"] for t in mms), span["name"]
 
 
 def test_step_one_starts_before_the_first_step(tmp_path):
     profiler = profiler_for(tmp_path, start_step=1, steps=1)
     train(profiler, 3)
     (trace,) = traces(tmp_path)
-    assert step_spans(trace) == ["step 1"]
+    assert step_spans(trace) == ["ProfilerStep#1"]
 
 
 def test_a_run_resumed_inside_the_window_records_the_rest(tmp_path):
     profiler = profiler_for(tmp_path, start_step=2, steps=3, done=2)  # resumed after step 2
     train(profiler, 4, first=3)
     (trace,) = traces(tmp_path)
-    assert step_spans(trace) == ["step 3", "step 4"]
+    assert step_spans(trace) == ["ProfilerStep#3", "ProfilerStep#4"]
 
 
 def test_a_run_that_ends_inside_the_window_keeps_what_it_recorded(tmp_path):
@@ -77,6 +81,8 @@ def test_a_run_that_ends_inside_the_window_keeps_what_it_recorded(tmp_path):
     profiler.close()  # twice: harmless
     (trace,) = traces(tmp_path)
     assert trace.name == "rank0.steps_2-3.pt.trace.json"
+    # the last span holds what ran after step 3 (in a run: the final save and validation)
+    assert step_spans(trace) == ["ProfilerStep#2", "ProfilerStep#3", "ProfilerStep#4"]
 
 
 def test_a_window_the_run_never_reaches_writes_nothing(tmp_path):
@@ -108,4 +114,4 @@ def test_launcher_run_writes_the_trace(tmp_path):
     found = traces(run_dir)
     assert [t.name for t in found] == ["rank0.steps_2-3.pt.trace.json"], found
     assert json.loads(found[0].read_text())["traceEvents"]
-    assert step_spans(found[0]) == ["step 2", "step 3"]
+    assert step_spans(found[0]) == ["ProfilerStep#2", "ProfilerStep#3"]
