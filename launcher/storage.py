@@ -69,7 +69,10 @@ def dcp_reader(path):
     if is_remote(path):
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
-        return FsspecReader(str(path))
+        # DCP reads a file's items in plan order, not by offset: under s3fs's default read-ahead cache
+        # every backward seek fetches another 50 MiB block. One read of each file is 10x faster.
+        options = {"default_cache_type": "all"} if str(path).startswith(("s3://", "s3a://")) else {}
+        return FsspecReader(str(path), **options)
     return FileSystemReader(str(path))
 
 

@@ -41,6 +41,7 @@ import os
 import platform
 import pstats
 import re
+import socket
 import statistics
 import subprocess
 import sys
@@ -568,6 +569,31 @@ def startup(args) -> None:
 # ---------------------------------------------------------------- --checkpoint
 
 
+@contextlib.contextmanager
+def moto_server():
+    """An S3 server on the loopback (moto's), its bucket `bench`, and the environment that reaches it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
+                      AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
+    try:
+        for _ in range(300):
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            time.sleep(0.1)
+        import s3fs
+
+        s3fs.S3FileSystem().mkdir("bench")
+        yield
+    finally:
+        server.terminate()
+        server.wait()
+
+
 def checkpoint_times(args) -> None:
     import torch.distributed.checkpoint  # noqa: F401  (its import is not part of the first save)
 
@@ -579,15 +605,17 @@ def checkpoint_times(args) -> None:
     found = {mode: {k: [] for k in keys} for mode in ("sync", "async")}
     size = params = None
     print(f"== checkpoint: recipes.gpt {CKPT_RECIPE}, AdamW; two steps, then twice (a save, a step, the rest of "
-          f"the save, a step), then a load; {rounds} rounds", flush=True)
+          f"the save, a step), then a load; {rounds} rounds; to {args.ckpt_url or args.ckpt_dir or 'the temp dir'}",
+          flush=True)
     for r in range(rounds):
         for mode in ("sync", "async"):  # interleaved
             gc.collect()
             with tempfile.TemporaryDirectory(dir=args.ckpt_dir) as run_dir:
                 with quiet():
                     # keep_last 3: no pruning of the first checkpoint inside the second save
-                    trainer = Trainer(launcher_config(w, run_dir, 1, **{"async": mode == "async", "keep_last": 3}),
-                                      DistEnv("single"), device)
+                    where = {"dir": f"{args.ckpt_url}/{r}-{mode}"} if args.ckpt_url else {}
+                    trainer = Trainer(launcher_config(w, run_dir, 1, **{"async": mode == "async", "keep_last": 3},
+                                                      **where), DistEnv("single"), device)
                     ckpt, got, waited = trainer.checkpointer, {}, [0.0]
                     staged = getattr(ckpt, "wait_staged", None)  # where a save stages in the background
 
@@ -788,6 +816,10 @@ def main() -> None:
                         help="--startup: train.max_steps for each run (0: the config's own length)")
     parser.add_argument("--checkpoint", action="store_true", help="save (sync, async) and load times")
     parser.add_argument("--ckpt-dir", default=None, help="--checkpoint: where to write (default: the temp dir)")
+    parser.add_argument("--ckpt-url", default=None, help="--checkpoint: checkpoint.dir in object storage "
+                        "(s3://bucket/prefix; credentials from the environment)")
+    parser.add_argument("--moto", action="store_true", help="--checkpoint: to an S3 server of moto's started on the "
+                        "loopback (pip install 'moto[server]'), as --ckpt-url s3://bench/ckpt")
     parser.add_argument("--memory", action="store_true", help="peak memory per rank, fsdp and ZeRO-3 on 4 processes")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -801,6 +833,10 @@ def main() -> None:
           + (f", {torch.cuda.get_device_name()}" if args.device != "cpu" else ""), flush=True)
     if args.startup:
         startup(args)
+    elif args.checkpoint and args.moto:
+        with moto_server():
+            args.ckpt_url = "s3://bench/ckpt"
+            checkpoint_times(args)
     elif args.checkpoint:
         checkpoint_times(args)
     elif args.memory:

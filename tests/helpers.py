@@ -96,6 +96,15 @@ def metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     return [r for r in rows if "split" not in r], [r for r in rows if r.get("split") == "val"]
 
 
+def monitoring(run_dir: Path) -> dict:
+    """What checkpoint.best and train.early_stop left: the validations, `best`, the last meta.json's state."""
+    ckpts = Path(run_dir) / "checkpoints"
+    meta = json.loads((ckpts / (ckpts / "latest").read_text() / "meta.json").read_text())
+    return {"val": [[r["step"], r["accuracy"], r["val_loss"]] for r in metrics(run_dir)[1]],
+            "best": (ckpts / "best").read_text(), "monitors": meta["monitors"],
+            "kept": sorted(p.name for p in ckpts.glob("step_*"))}
+
+
 def losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in metrics(run_dir)[0]]
 

@@ -48,6 +48,7 @@ def main() -> int:
 
     from launcher.config import validate
     from launcher.env import destroy_process_group, detect, init_process_group
+    from helpers import monitoring
     from launcher.trainer import Trainer
 
     spec, out_path = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])
@@ -85,6 +86,7 @@ def main() -> int:
             result["pairs"][name] = {"steps": [r["step"] for r in rows],
                                      "losses": [r["loss"] for r in rows],  # NaN and inf survive json
                                      "flags": [list(f) for f in flags],
+                                     "monitoring": monitoring(Path(cfg.run_dir)),
                                      "seconds": round(time.perf_counter() - started, 3)}
             write()
         # ZeRO-3's set-up calls gc.collect() (deepspeed's defragment), which walks every object the

@@ -3,7 +3,8 @@
 The matrix (256 pairs): strategies single (1 process), ddp, fsdp, HSDP (fsdp.replicate=2 on 2
 processes: 2 replica groups of 1), deepspeed ZeRO 0, 1, 2, 3 (2 processes); precisions fp32, bf16,
 fp16, float8; optimizers sgd with momentum, sgd without, adam, adamw; optim.impl auto and fused. Each pair
-trains the digits MLP (hidden 16) for 3 steps of 32 samples, or is refused by `preflight.check_inputs`
+trains the digits MLP (hidden 16) for 3 steps of 32 samples, validating after each step under
+checkpoint.best and train.early_stop (whose checkpoint and state every pair checks), or is refused by `preflight.check_inputs`
 (what `launcher run` calls before it starts any worker) with a ConfigError (exit 2) of one paragraph
 that names the cause (`refusal` below says which pairs, and why).
 
@@ -28,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import max_rel, metrics, run, run_ranks, write_config
+from helpers import max_rel, metrics, monitoring, run, run_ranks, write_config
 from launcher.config import validate
 from launcher.env import DistEnv
 from launcher.errors import ConfigError
@@ -95,9 +96,10 @@ class Pair:
             "precision": self.precision,
             # The same 32 samples a step at 1 and at 2 processes (Batch math).
             "train": {"global_batch_size": 32, "micro_batch_size": 32 // self.processes, "max_steps": STEPS,
-                      "log_every_steps": 1, "seed": 0},
+                      "log_every_steps": 1, "seed": 0, "eval_every_steps": 1,
+                      "early_stop": {"monitor": "val_loss", "patience": STEPS}},  # follows, never stops
             "optim": {**OPTIMIZERS[self.optimizer], "impl": self.impl},
-            "checkpoint": {"resume": "never"},
+            "checkpoint": {"resume": "never", "keep_last": 1, "best": {"monitor": "accuracy", "mode": "max"}},
             "dist": {"timeout_s": 120},  # a hang ends, naming its rank, well inside the test's timeout
         }
         cfg.update(STRATEGIES[self.strategy][1])
@@ -159,6 +161,20 @@ def assert_trained(rows_steps: list[int], losses: list[float], what: str) -> Non
     assert losses[-1] < losses[0], f"{what}: the loss did not fall: {losses}"
 
 
+def assert_monitored(got: dict, what: str) -> None:
+    """The best accuracy's checkpoint is kept (besides keep_last's 1) and named; val_loss's early-stopping
+    count is the validations since its best."""
+    steps = [s for s, _, _ in got["val"]]
+    assert steps == list(range(1, STEPS + 1)), f"{what}: validations at {steps}"
+    best = max(got["val"], key=lambda v: v[1])[0]  # the first of equals: a tie is no improvement
+    losses = [v[2] for v in got["val"]]
+    since = len(losses) - 1 - losses.index(min(losses))
+    assert got["best"] == f"step_{best:06d}", f"{what}: {got}"
+    assert got["kept"] == sorted({f"step_{best:06d}", f"step_{STEPS:06d}"}), f"{what}: {got}"
+    assert got["monitors"]["best"]["best_step"] == best and got["monitors"]["early_stop"]["bad"] == since, \
+        f"{what}: {got}"
+
+
 # ---------------------------------------------------------------- fast: preflight on every pair
 
 
@@ -197,7 +213,8 @@ def single(root):
             trainer.fit()
             trainer.strategy.close()
             rows = metrics(run_dir)[0]
-            done[pair] = ([r["step"] for r in rows], [r["loss"] for r in rows], [list(f) for f in flags])
+            done[pair] = ([r["step"] for r in rows], [r["loss"] for r in rows], [list(f) for f in flags],
+                          monitoring(run_dir))
         return done[pair]
 
     return get
@@ -205,9 +222,10 @@ def single(root):
 
 @pytest.mark.parametrize("pair", [p for p in PAIRS if p.strategy == "single"], ids=str)
 def test_single_process_pair_trains(pair, single):
-    steps, losses, flags = single(pair)
+    steps, losses, flags, monitored = single(pair)
     assert_trained(steps, losses, str(pair))
     assert flags == expected_flags(pair)
+    assert_monitored(monitored, str(pair))
     if pair.impl == "fused":  # the same optimizer as auto picks: the same bits
         assert losses == single(pair.twin(impl="auto"))[1]
 
@@ -304,7 +322,8 @@ def test_two_process_pair_trains_as_one_process(pair, two_processes, single):
         pytest.fail(f"{pair} was not trained: {stopped}")
     assert_trained(got["steps"], got["losses"], str(pair))
     assert got["flags"] == expected_flags(pair), f"{pair}: (foreach, fused) {got['flags']}"
-    _, reference, _ = single(pair.twin(strategy="single"))
+    assert_monitored(got["monitoring"], str(pair))
+    _, reference, _, _ = single(pair.twin(strategy="single"))
     rel = max_rel(reference, got["losses"])
     print(f"{pair}: max relative loss difference to 1 process {rel:.1e}, {got['seconds']} s")
     assert rel < LOSS_RTOL[pair.precision], f"{pair}: {got['losses']} against 1 process {reference}"
