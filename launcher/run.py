@@ -38,8 +38,10 @@ def cmd_run(args) -> int:
 
 
 def remove_if_untouched(run_dir: Path, fresh: bool) -> None:
-    # metrics.jsonl too: with checkpoint.dir in object storage, nothing else here says training began
-    if fresh and is_main_process() and not any((run_dir / name).exists() for name in ("checkpoints", "metrics.jsonl")):
+    # A metrics row too: with checkpoint.dir in object storage, nothing else here says training began.
+    metrics = run_dir / "metrics.jsonl"
+    if fresh and is_main_process() and not (run_dir / "checkpoints").exists() and not (
+            metrics.exists() and metrics.stat().st_size):
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
