@@ -348,11 +348,12 @@ class Checkpointer:
             if self.rank == 0:
                 remove_tree(tmp)  # the partial save: free what it took
             latest = self.dir / "latest"
-            kept = f"checkpoints/{latest.read_text().strip()}" if latest.is_file() else "no earlier checkpoint"
+            kept = f"{self.dir.name}/{latest.read_text().strip()}" if latest.is_file() else "no earlier checkpoint"
+            fix = ("Free space on that disk (or set run_dir elsewhere)" if not self.cfg.dir else
+                   "Make room there (space, a quota, permissions), or set checkpoint.dir elsewhere")
             raise CheckpointWriteError(
                 f"the checkpoint of step {step} could not be written to {self.dir} ({reason}); {kept} and "
-                "checkpoints/latest are untouched. Free space on that disk (or set run_dir elsewhere), then run the "
-                "same command to resume") from e
+                f"{self.dir.name}/latest are untouched. {fix}, then run the same command to resume") from e
 
     def wait_staged(self) -> None:
         """Called before the weights or the optimizer state change (the optimizer step): an async
@@ -389,6 +390,16 @@ class Checkpointer:
         if self.rank == 0 and is_complete(self.dir / step_dir_name(step)):
             write_text(self.dir / "best", step_dir_name(step))
             self.prune()  # the previous best, if keep_last no longer holds it
+
+    def name_best(self, step: int | None) -> None:
+        """On a resume: `best` names the best of the resumed timeline (step), or nothing if that one is
+        gone, never a later checkpoint of an abandoned one."""
+        if self.rank != 0:
+            return
+        if step is not None and is_complete(self.dir / step_dir_name(step)):
+            write_text(self.dir / "best", step_dir_name(step))
+        elif (self.dir / "best").is_file():
+            (self.dir / "best").unlink()
 
     def prune(self) -> None:
         keep = set(complete_checkpoints(self.dir)[-self.cfg.keep_last :])

@@ -184,7 +184,7 @@ def cmd_k8s(args) -> int:
                           "(checkpoint.dir=s3://bucket/prefix) and give the pods its credentials with "
                           "--env-from-secret NAME")
     check_node_range(cfg, nproc, min_nodes, max_nodes)
-    check_inputs(cfg, max_nodes * nproc, args.config)
+    check_inputs(cfg, max_nodes * nproc, args.config, elsewhere=True)
 
     run_dir = Path(cfg.run_dir).resolve()
     name = args.name or default_name(run_dir.name, max_nodes)

@@ -42,10 +42,12 @@ class Checked:
 
 
 def check_inputs(cfg: Config, world_size: int, origin: str, report_only: bool = False,
-                 probe_step: bool = False) -> Checked:
+                 probe_step: bool = False, elsewhere: bool = False) -> Checked:
     """Everything about the input that can be wrong, checked once before any worker. report_only
     (launcher plan) changes nothing on disk: a damaged checkpoint is not set aside. probe_step (the
-    process that starts workers, which trains nothing itself): run the loss on one micro-batch too."""
+    process that starts workers, which trains nothing itself): run the loss on one micro-batch too.
+    elsewhere (launcher slurm, k8s): the job runs on other machines, which may hold the credentials
+    of a checkpoint.dir in object storage that this one lacks."""
     recipe = Recipe.load(cfg.recipe, origin)
     recipe.check_optimization()
     report_replaced_sections(cfg, recipe)
@@ -59,8 +61,11 @@ def check_inputs(cfg: Config, world_size: int, origin: str, report_only: bool = 
     float8.check(cfg, resolve_name(cfg.strategy, world_size, cfg.tp.size))
     check_switches(cfg, recipe)
     check_fused_optimizer(cfg, recipe, world_size)
-    check_checkpoint_dir(cfg, resolve_name(cfg.strategy, world_size, cfg.tp.size))
-    resume = resume_from(cfg.checkpoint, Path(cfg.run_dir), world_size, may_move=is_main_process() and not report_only)
+    # Object storage is reached only where the job will run, and never to report.
+    reach = not (is_url(cfg.checkpoint.dir or "") and (report_only or elsewhere))
+    check_checkpoint_dir(cfg, resolve_name(cfg.strategy, world_size, cfg.tp.size), reach)
+    resume = None if not reach else resume_from(cfg.checkpoint, Path(cfg.run_dir), world_size,
+                                                 may_move=is_main_process() and not report_only)
     if resume is not None:
         check_resume_config(resume, cfg)
     check_writable(Path(cfg.run_dir))
@@ -91,15 +96,18 @@ def check_monitors(cfg: Config, val_set) -> None:
                               f"the end): set train.eval_every_steps, e.g. to checkpoint.every_steps")
 
 
-def check_checkpoint_dir(cfg: Config, strategy: str) -> None:
-    """checkpoint.dir: its fsspec package installed, no credentials in the URL, writable (a small probe)."""
+def check_checkpoint_dir(cfg: Config, strategy: str, reach: bool = True) -> None:
+    """checkpoint.dir: its fsspec package installed, no credentials in the URL, writable (a small probe,
+    where `reach`)."""
     if not cfg.checkpoint.dir:
         return  # RUN_DIR/checkpoints: the run dir's own check covers it
     if strategy == "deepspeed" and is_url(cfg.checkpoint.dir):
         raise ConfigError(f"checkpoint.dir={cfg.checkpoint.dir} is object storage, and DeepSpeed writes its "
                           "checkpoints with its own code, to local files only: use strategy=fsdp (ZeRO-3's sharding) "
                           "or ddp, or a checkpoint.dir on a shared file system")
-    check_reachable(checkpoint_dir(cfg.checkpoint, cfg.run_dir), f"checkpoint.dir={cfg.checkpoint.dir}")
+    where = checkpoint_dir(cfg.checkpoint, cfg.run_dir)  # the package and the URL's form, checked
+    if reach:
+        check_reachable(where, f"checkpoint.dir={cfg.checkpoint.dir}")
 
 
 def check_tensor_parallel(cfg: Config, recipe: Recipe, world_size: int, local_world_size: int | None) -> int:

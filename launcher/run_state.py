@@ -18,6 +18,7 @@ class RunState:
         self.skipped_steps = 0  # of those, the ones whose update was skipped (non-finite, fp16 overflow)
         self.monitors = Monitors(cfg)
         self.last_val: dict | None = None  # the newest validation row
+        self.stopped_early: dict | None = None  # the validation row early stopping ended the run at
 
     @property
     def epoch(self) -> int:
@@ -38,6 +39,12 @@ class RunState:
         """Every train.eval_every_steps; the final validation comes after the last save instead."""
         every = self.cfg.train.eval_every_steps
         return bool(every) and step % every == 0 and (self.total_steps is None or step < self.total_steps)
+
+    def follows_final_validation(self) -> bool:
+        """The monitors take the final validation where a longer run would have validated too (a rerun
+        with a larger train.max_steps goes on from them), and once early stopping has not ended the run."""
+        every = self.cfg.train.eval_every_steps
+        return not self.stopped_early and bool(every) and self.step % every == 0
 
     def should_save(self, step: int) -> bool:
         every = self.cfg.checkpoint.every_steps
@@ -79,6 +86,8 @@ class RunState:
     def restore(self, meta: dict, schedule, scaler) -> None:
         self.step, self.skipped_steps = meta["step"], meta["skipped_steps"]
         self.monitors.load_state_dict(meta.get("monitors", {}))
+        if self.monitors.early_stop and self.monitors.early_stop.exhausted:  # killed before it could finish
+            self.stopped_early = {"step": self.step, "split": "val", **meta.get("val", {})}
         schedule.load_state_dict(meta["scheduler"])
         if scaler and meta.get("scaler"):
             scaler.load_state_dict(meta["scaler"])

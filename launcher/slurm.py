@@ -294,7 +294,7 @@ def cmd_slurm(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     check_node_range(cfg, nproc, min_nodes, nodes)  # every world size an elastic job may take
-    check_inputs(cfg, nodes * nproc, args.config)
+    check_inputs(cfg, nodes * nproc, args.config, elsewhere=True)
     run_dir = Path(cfg.run_dir).resolve()
     slurm_dir = run_dir / "slurm"
     slurm_dir.mkdir(parents=True, exist_ok=True)

@@ -89,7 +89,6 @@ class Trainer:
         self.steps = StepRunner(cfg, env, self.sizes, device, self.strategy, self.precision, self.run, self.recipe,
                                 self.checkpointer, self.watchdog, self.state)
         self.steps.schedule = self.schedule
-        self.stopped_early: dict | None = None  # the validation row early stopping ended the run at
         if self.resumed_from is not None:
             self.restore(self.resumed_from)
         else:
@@ -145,8 +144,8 @@ class Trainer:
             self.save()  # before the final validation: a failure there loses no trained step
             self.checkpointer.wait()
             # Early stopping has just validated this step; else the final validation (monitored too).
-            val = self.stopped_early or self.evaluate(self.data.last_epoch(self.state.step))
-            if not self.stopped_early and self.state.monitors.follow(val, self.state.step)[0]:
+            val = self.state.stopped_early or self.evaluate(self.data.last_epoch(self.state.step))
+            if self.state.follows_final_validation() and self.state.monitors.follow(val, self.state.step)[0]:
                 self.checkpointer.mark_best(self.state.step)  # the last checkpoint, saved before it
             self.checkpointer.mark_finished(self.state.step, self.state.after_final_validation())
             self.run.hook("on_fit_end")
@@ -169,7 +168,7 @@ class Trainer:
 
     def train_loop(self) -> None:
         state, window, started, first = self.state, Window(), time.perf_counter(), True
-        while not state.done and not self.stopped_early:
+        while not state.done and not state.stopped_early:
             epoch, batches, steps = self.data.epoch_from(state.step)
             self.run.hook("on_train_epoch_start")
             for _ in steps:
@@ -200,10 +199,10 @@ class Trainer:
                 if state.should_evaluate(state.step):
                     # The values are the same on every rank: every rank decides alike.
                     best, early = state.monitors.follow(self.evaluate(epoch), state.step)
-                    self.stopped_early = state.last_val if early else None
+                    state.stopped_early = state.last_val if early else None
                 if state.should_save(state.step) or best or early:
                     self.save(best=best)
-                if stop:
+                if stop and not early:  # early stopping ends the run as finished
                     self.save()
                     self.checkpointer.wait()
                     raise Stopped(self.signals.first or "a signal")
@@ -214,7 +213,7 @@ class Trainer:
         """The last line of a run: what it did, and where its result is."""
         metrics = "".join(f"{'; ' if i == 0 else ', '}{k}={v:.4g}" for i, (k, v) in enumerate(values(val).items()))
         path = self.checkpointer.dir / step_dir_name(self.state.step)
-        why = f" ({self.state.monitors.why_stopped()})" if self.stopped_early else ""
+        why = f" ({self.state.monitors.why_stopped()})" if self.state.stopped_early else ""
         return (f"done{why}: {self.state.step} steps in {hms(time.time() - STARTED_AT)}{metrics}; checkpoint {path}"
                 f"{self.state.monitors.best_note()}; its weights as one file: launcher export {self.run_dir} "
                 "model.safetensors")
@@ -286,6 +285,8 @@ class Trainer:
     def restore(self, path: Path) -> None:
         meta = self.checkpointer.load(path, self.strategy)
         self.state.restore(meta, self.schedule, self.precision.scaler)
+        if self.state.monitors.best:  # not a later checkpoint of an abandoned timeline
+            self.checkpointer.name_best(self.state.monitors.best.best_step)
         self.checkpointer.last_saved_step = self.state.step  # that checkpoint is this state
         self.data.restore(self.state.step, meta, path)
         self.run.hook("on_load_checkpoint", self.checkpointer.load_extra(path))

@@ -461,6 +461,8 @@ CASES = [
     Case("s3-credentials-in-url", nproc2("checkpoint.dir=s3://AKIAEXAMPLE:hunter2@bucket/run"),
          ("checkpoint.dir has credentials in its URL", "AWS_ACCESS_KEY_ID"),
          more=lambda c, err: no_secret(err, "hunter2")),
+    Case("s3-whole-bucket", nproc2("checkpoint.dir=s3://bucket/"), ("checkpoint.dir=s3://bucket/ is a whole bucket",
+                                                                   "s3://bucket/my-run")),
     Case("s3-under-deepspeed", nproc2("strategy=deepspeed", "checkpoint.dir=s3://bucket/run"),
          ("checkpoint.dir=s3://bucket/run is object storage", "DeepSpeed", "strategy=fsdp")),
     Case("s3-endpoint-unreachable", aws(nproc2("checkpoint.dir=s3://bucket/run"), AWS_ENDPOINT_URL="http://127.0.0.1:9",

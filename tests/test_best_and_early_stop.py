@@ -1,5 +1,7 @@
 """checkpoint.best and train.early_stop: the monitor's rules, then real runs at 1 and 2 processes,
 cut in two by a resume."""
+import json
+
 import pytest
 from safetensors.torch import load_file
 
@@ -56,25 +58,28 @@ def test_early_stop_and_best_checkpoint_at_any_world_size_and_across_a_resume(tm
     assert steps_kept(tmp_path / "one") == [best_step, stop_step]
     assert (tmp_path / "one" / "checkpoints" / "best").read_text() == f"step_{best_step:06d}"
 
-    two = check(run(["run", config(tmp_path, "two", 60), "--nproc", 2]))
-    assert by_step(tmp_path / "two") == pytest.approx(by_step(tmp_path / "one"), rel=1e-5)
-    assert steps_kept(tmp_path / "two") == [best_step, stop_step]
-    assert (tmp_path / "two" / "checkpoints" / "best").read_text() == f"step_{best_step:06d}"
-    assert "stopped early" in two.stderr
-
-    # Cut one validation before the stop, after one without improvement: the rerun counts on from it
-    # (and compares with the best before the cut), so it stops where the uninterrupted run did.
+    # On 2 processes, cut one validation before the stop, after one without improvement: the rerun
+    # counts on from it (and compares with the best before the cut), so it stops where the
+    # uninterrupted run on 1 process did, with its losses.
     cut = stop_step - 3
     assert best_step < cut
     check(run(["run", config(tmp_path, "cut", cut), "--nproc", 2]))
     assert steps_kept(tmp_path / "cut") == [best_step, cut]
     resumed = check(run(["run", config(tmp_path, "cut", 60), "--nproc", 2]))
     assert "resumed from" in resumed.stderr and "stopped early" in resumed.stderr
-    assert by_step(tmp_path / "cut") == pytest.approx(by_step(tmp_path / "two"), rel=1e-6)
+    assert by_step(tmp_path / "cut") == pytest.approx(by_step(tmp_path / "one"), rel=1e-5)
     assert steps_kept(tmp_path / "cut") == [best_step, stop_step]
     assert (tmp_path / "cut" / "checkpoints" / "best").read_text() == f"step_{best_step:06d}"
     again = check(run(["run", config(tmp_path, "cut", 60), "--nproc", 2]))
     assert f"stopped early at step {stop_step}" in again.stderr and "nothing to do" in again.stderr
+    # Killed after the early stop's save, before the run was marked finished: the rerun finishes it
+    # without training a step.
+    last = tmp_path / "cut" / "checkpoints" / f"step_{stop_step:06d}" / "meta.json"
+    last.write_text(json.dumps({k: v for k, v in json.loads(last.read_text()).items() if k != "finished"}))
+    rows = len(metrics(tmp_path / "cut")[0])
+    finished = check(run(["run", config(tmp_path, "cut", 60), "--nproc", 2]))
+    assert "done (stopped early: val_loss did not improve for 2 validations" in finished.stderr
+    assert len(metrics(tmp_path / "cut")[0]) == rows and json.loads(last.read_text())["finished"]
 
     listing = check(run(["ls", tmp_path / "cut"])).stdout
     lines = {line.split()[0]: line for line in listing.splitlines() if line.startswith("  step_")}
@@ -87,3 +92,22 @@ def test_early_stop_and_best_checkpoint_at_any_world_size_and_across_a_resume(tm
     best, at_best, last = (load_file(tmp_path / f"{n}.safetensors") for n in ("best", "at_best", "last"))
     assert all((best[k] == at_best[k]).all() for k in best)
     assert any((best[k] != last[k]).any() for k in best)
+
+
+def test_a_resume_names_the_best_of_its_own_timeline(tmp_path):
+    """Resumed from an earlier checkpoint, `best` must not name a later one of the abandoned timeline."""
+    from launcher.checkpoint import Checkpointer
+    from launcher.config import validate
+
+    cfg = validate({"recipe": {"name": "recipes.digits"}, "run_dir": str(tmp_path)}, "test").checkpoint
+    ckpts = Checkpointer(tmp_path, cfg, rank=0)
+    for step in (10, 20, 30):
+        (tmp_path / "checkpoints" / f"step_{step:06d}").mkdir(parents=True)
+        (tmp_path / "checkpoints" / f"step_{step:06d}" / "meta.json").write_text("{}")
+    (tmp_path / "checkpoints" / "best").write_text("step_000030")
+    ckpts.name_best(10)
+    assert (tmp_path / "checkpoints" / "best").read_text() == "step_000010"
+    ckpts.name_best(40)  # gone (never saved, or set aside): no best rather than a wrong one
+    assert not (tmp_path / "checkpoints" / "best").exists()
+    Checkpointer(tmp_path, cfg, rank=1).name_best(20)  # rank 0 writes it
+    assert not (tmp_path / "checkpoints" / "best").exists()

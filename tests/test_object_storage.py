@@ -140,6 +140,7 @@ def test_a_kill_between_the_shards_and_meta_json_is_survived_and_export_reads_th
     fs.rm("sync/digits/checkpoints/step_000020/__1_0.distcp")
     for name, value in s3.items():
         monkeypatch.setenv(name, value)
+    fs.clear_instance_cache()  # a client made in this process before (another test's) kept its own settings
     from launcher.checkpoint import resume_from
     from launcher.config import load_config
 
