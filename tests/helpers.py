@@ -211,11 +211,20 @@ def deepspeed_full_state_dict(strategy) -> dict:
 
 
 def free_port() -> int:
+    """A loopback port free now, below the ephemeral range (32768 and up on Linux): there the system
+    may hand the port to any process's outgoing connection (a test's S3 client, a rendezvous) before
+    the job that was given it listens on it."""
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    while True:
+        port = random.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 def run_ranks(script: Path, args: list, nproc: int, log_dir: Path, timeout: float = 600) -> tuple[list, str]:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import ROOT, check, digits_config, losses, metrics, run, worker_env, write_config
+from helpers import ROOT, check, digits_config, free_port, losses, metrics, run, worker_env, write_config
 from launcher.export import export
 
 pytestmark = pytest.mark.slow  # multi-process: the full suite, not the fast tier
@@ -130,7 +130,7 @@ def test_accelerate_launch(tmp_path, reference_2proc):
     pytest.importorskip("accelerate")
     cfg, expected = reference_2proc
     cfg = config_with_run_dir(cfg, tmp_path / "accelerate")
-    port = str(random.randint(20000, 40000))
+    port = str(free_port())
     check(run(["launch", "--multi_gpu", "--num_processes", 2, "--num_machines", 1, "--main_process_port", port,
                "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "launcher", "run", cfg],
               prefix=[sys.executable, "-m", "accelerate.commands.launch"] if False else
@@ -283,7 +283,7 @@ def test_two_nodes_on_loopback_train_as_one_job(tmp_path, reference_2proc):
     """`--nnodes 2` started twice, one worker each: one job of world size 2, the local 2-process losses."""
     cfg, expected = reference_2proc
     cfg = config_with_run_dir(cfg, tmp_path / "nodes")
-    port = str(random.randint(20000, 40000))
+    port = str(free_port())
     nodes = [subprocess.Popen([sys.executable, "-m", "launcher", "run", str(cfg), "--nproc", "1", "--nnodes", "2",
                                "--node-rank", str(rank), "--rdzv-endpoint", f"127.0.0.1:{port}"],
                               cwd=ROOT, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -295,7 +295,7 @@ def test_two_nodes_on_loopback_train_as_one_job(tmp_path, reference_2proc):
 
 def test_a_node_that_never_arrives_is_a_clear_timeout(tmp_path):
     cfg = write_config(tmp_path / "c.yaml", digits_config(tmp_path / "run", dist={"timeout_s": 5}))
-    endpoint = f"127.0.0.1:{random.randint(20000, 40000)}"
+    endpoint = f"127.0.0.1:{free_port()}"
     start = time.perf_counter()
     proc = run(["run", cfg, "--nproc", 1, "--nnodes", 2, "--node-rank", 0, "--rdzv-endpoint", endpoint], timeout=120)
     assert proc.returncode == 1

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, check, max_rel, metrics, run, worker_env, write_config
+from helpers import ROOT, check, free_port, max_rel, metrics, run, worker_env, write_config
 from launcher.spawn import children
 
 pytestmark = pytest.mark.slow
@@ -128,7 +127,7 @@ def wait_for(run_dir: Path, condition, what: str, node_list: list[Node], timeout
 
 
 def port() -> int:
-    return random.randint(20000, 40000)
+    return free_port()
 
 
 def check_run(run_dir: Path, reference: list[float]) -> list[dict]:

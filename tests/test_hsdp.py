@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import (ROOT, check, losses, max_rel, metrics, outcome, reraise, run, with_sections, worker_env,
+from helpers import (ROOT, check, free_port, losses, max_rel, metrics, outcome, reraise, run, with_sections, worker_env,
                      write_config)
 from test_checkpoint import by_step, start_from_checkpoint, weights
 
@@ -180,7 +179,7 @@ def fsdp2(tmp_path_factory):
 
 def two_nodes(config_path: Path) -> str:
     """`launcher run --nnodes 2 --nproc 2` started twice on the loopback: 2 "nodes" of 2 ranks."""
-    port = random.randint(20000, 40000)
+    port = free_port()
     nodes = [subprocess.Popen([sys.executable, "-m", "launcher", "run", str(config_path), "--nproc", "2",
                                "--nnodes", "2", "--node-rank", str(rank), "--rdzv-endpoint", f"127.0.0.1:{port}"],
                               cwd=ROOT, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
