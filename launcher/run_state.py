@@ -71,7 +71,7 @@ class RunState:
 
     def after_final_validation(self) -> dict:
         """What meta.json holds once the final validation is done (its values, the monitors after it)."""
-        return {"val": values(self.last_val), "monitors": self.monitors.state_dict()}
+        return {"val": values(self.last_val or self.stopped_early), "monitors": self.monitors.state_dict()}
 
     def resumed_note(self, path, meta: dict, restart: int, logged: int | None) -> str:
         """The line a resume prints: from where, and what changed (a restart, another world size)."""

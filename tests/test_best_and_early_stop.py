@@ -79,7 +79,9 @@ def test_early_stop_and_best_checkpoint_at_any_world_size_and_across_a_resume(tm
     rows = len(metrics(tmp_path / "cut")[0])
     finished = check(run(["run", config(tmp_path, "cut", 60), "--nproc", 2]))
     assert "done (stopped early: val_loss did not improve for 2 validations" in finished.stderr
-    assert len(metrics(tmp_path / "cut")[0]) == rows and json.loads(last.read_text())["finished"]
+    meta = json.loads(last.read_text())
+    assert len(metrics(tmp_path / "cut")[0]) == rows and meta["finished"]
+    assert meta["val"]["accuracy"] == metrics(tmp_path / "cut")[1][-1]["accuracy"]  # its validation kept
 
     listing = check(run(["ls", tmp_path / "cut"])).stdout
     lines = {line.split()[0]: line for line in listing.splitlines() if line.startswith("  step_")}
