@@ -15,9 +15,9 @@ The checkpoints directory is checkpoint.dir: RUN_DIR/checkpoints by default, or 
 rank has written its part; in object storage, which cannot rename, it goes to step_000500/
 directly. Either way meta.json is written last, by rank 0, once every rank's part is there: a
 checkpoint without it is not complete and never used. `latest` is replaced atomically after
-that. A save that fails (a full disk) leaves the previous checkpoint and `latest` as they were. What launcher writes itself is read
-back without unpickling code (weights_only); a damaged checkpoint is set aside
-before any worker starts and the previous complete one is used.
+that. A save that fails (a full disk) leaves the previous checkpoint and `latest` as they were.
+What launcher writes itself is read back without unpickling code (weights_only); a damaged
+checkpoint is set aside before any worker starts and the previous complete one is used.
 """
 from __future__ import annotations
 
@@ -288,8 +288,9 @@ class Checkpointer:
              best: bool = False) -> None:
         """Every rank calls this at the same step. best: it is the best so far (`best` names it). `files`:
         {name: tensors and plain values} this rank writes beside its part (a stream's state, a module's
-        additions), published with the rest or not at all. Returns once this rank's part is written (sync); for an async save, once the copy of the
-        state has started (overlap: wait_staged() before the state changes) or completed (not overlap)."""
+        additions), published with the rest or not at all. Returns once this rank's part is written
+        (sync); for an async save, once the copy of the state has started (overlap: wait_staged()
+        before the state changes) or completed (not overlap)."""
         self.wait()  # one save in flight at a time
         if step == self.last_saved_step:  # e.g. the end, right after an every_steps save
             return
