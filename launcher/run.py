@@ -71,8 +71,9 @@ def check_and_run(cfg: Config, args) -> int:
             elastic = Elastic(args.min_nodes, args.max_nodes, args.rdzv_id or rdzv_id(args.rdzv_endpoint),
                               args.rdzv_conf)
         return spawn([args.config, *args.overrides], ckpt_dir=checkpoint_dir(cfg.checkpoint, cfg.run_dir),
-                     nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint, max_restarts=args.max_restarts,
-                     timeout_s=cfg.dist.timeout_s, elastic=elastic)
+                     nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
+                     rdzv_endpoint=args.rdzv_endpoint, max_restarts=args.max_restarts, timeout_s=cfg.dist.timeout_s,
+                     elastic=elastic)
     return run_worker(cfg, env, checked.recipe)
 
 
