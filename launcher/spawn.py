@@ -158,8 +158,8 @@ def elastic_rendezvous_failed(e: Exception, ckpt_dir: Path, elastic: Elastic, rd
     had = f"it last trained on {last // nproc} node(s) (world size {last}); " if last else ""
     return (f"this elastic job needs at least {elastic.min_nodes} of at most {elastic.max_nodes} node(s) (--nnodes "
             f"{elastic.min_nodes}:{elastic.max_nodes}), and {what}: {had}this node ({socket.gethostname()}) was one of "
-            f"the ones waiting. Nothing is lost: {newest_note(ckpt_dir)}. Start the missing nodes with the same command "
-            "(or use a smaller MIN)")
+            f"the ones waiting. Nothing is lost: {newest_note(ckpt_dir)}. Start the missing nodes with the same "
+            "command (or use a smaller MIN)")
 
 
 def connection_closed(e: BaseException) -> bool:

@@ -3,8 +3,9 @@ import pytest
 
 from helpers import References
 
-# The files that take half a minute or more (`--durations`), longest first, started first: two workers (pyproject's addopts,
-# whole files each) then end together instead of one running the longest file alone at the end.
+# The files that take half a minute or more (`--durations`), longest first, started first: the two
+# workers (pyproject's addopts, whole files each) then end together instead of one running the longest
+# file alone at the end.
 LONGEST_FIRST = ["test_slurm.py", "test_elastic.py", "test_distributed.py", "test_checkpoint.py", "test_sharded.py",
                  "test_memory.py", "test_wild.py", "test_gpu_check.py", "test_tensor_parallel.py", "test_hsdp.py",
                  "test_lightning.py", "test_faults.py", "test_matrix.py", "test_object_storage.py", "test_switches.py",

@@ -4,9 +4,9 @@ The matrix (256 pairs): strategies single (1 process), ddp, fsdp, HSDP (fsdp.rep
 processes: 2 replica groups of 1), deepspeed ZeRO 0, 1, 2, 3 (2 processes); precisions fp32, bf16,
 fp16, float8; optimizers sgd with momentum, sgd without, adam, adamw; optim.impl auto and fused. Each pair
 trains the digits MLP (hidden 16) for 3 steps of 32 samples, validating after each step under
-checkpoint.best and train.early_stop (whose checkpoint and state every pair checks), or is refused by `preflight.check_inputs`
-(what `launcher run` calls before it starts any worker) with a ConfigError (exit 2) of one paragraph
-that names the cause (`refusal` below says which pairs, and why).
+checkpoint.best and train.early_stop (whose checkpoint and state every pair checks), or is refused by
+`preflight.check_inputs` (what `launcher run` calls before it starts any worker) with a ConfigError
+(exit 2) of one paragraph that names the cause (`refusal` below says which pairs, and why).
 
 - Fast tier, in this process: preflight on every pair; the single-process pairs trained (they are the
   references of the 2-process pairs); the fused-kernel choice for DTensor parameters; one refusal
