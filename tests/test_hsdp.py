@@ -185,7 +185,9 @@ def two_nodes(config_path: Path) -> str:
                               cwd=ROOT, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for rank in range(2)]
     outs = [node.communicate(timeout=600) for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], outs
+    shown = "\n".join(f"--- node {rank}: exit {node.returncode}\n{err[-3000:]}"
+                      for rank, (node, (_, err)) in enumerate(zip(nodes, outs)))
+    assert [node.returncode for node in nodes] == [0, 0], shown  # whole: a failure here has been rare
     return "".join(err for _, err in outs)
 
 
