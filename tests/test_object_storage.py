@@ -75,7 +75,9 @@ def kill_when(proc, ready, timeout=120):
     """SIGKILL the launcher and its workers as soon as ready() holds."""
     deadline = time.time() + timeout
     while not ready():
-        assert proc.poll() is None, proc.communicate()
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"the run ended (exit {proc.returncode}) before the moment to kill it:\n{err[-6000:]}")
         assert time.time() < deadline, "the moment to kill never came"
         time.sleep(0.05)
     for pid in [proc.pid, *children(proc.pid)]:  # torchrun's workers have process groups of their own
