@@ -30,7 +30,7 @@ class Monitor:
     def update(self, row: dict, step: int) -> bool:
         """Take a validation row; True if it is the best so far."""
         if self.key not in row:
-            found = ", ".join(k for k in row if k not in ("step", "epoch", "split"))
+            found = ", ".join(values(row))
             raise ConfigError(f"monitor: {self.key} is not among the validation's values ({found}); monitor one of "
                               "them (checkpoint.best.monitor, train.early_stop.monitor)")
         value = float(row[self.key])

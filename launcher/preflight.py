@@ -55,15 +55,16 @@ def check_inputs(cfg: Config, world_size: int, origin: str, report_only: bool = 
     local_world_size = here.local_world_size if here.world_size == world_size else None  # a worker knows it
     data_world = check_tensor_parallel(cfg, recipe, world_size, local_world_size)
     sizes = batch_sizes(cfg, data_world)
-    strategy_class(resolve_name(cfg.strategy, world_size, cfg.tp.size)).check(
+    strategy = resolve_name(cfg.strategy, world_size, cfg.tp.size)
+    strategy_class(strategy).check(
         cfg, sizes, data_world, local_world_size and local_world_size // cfg.tp.size)
     check_loggers(cfg)
-    float8.check(cfg, resolve_name(cfg.strategy, world_size, cfg.tp.size))
+    float8.check(cfg, strategy)
     check_switches(cfg, recipe)
     check_fused_optimizer(cfg, recipe, world_size)
     # Object storage is reached only where the job will run, and never to report.
     reach = not (is_url(cfg.checkpoint.dir or "") and (report_only or elsewhere))
-    check_checkpoint_dir(cfg, resolve_name(cfg.strategy, world_size, cfg.tp.size), reach)
+    check_checkpoint_dir(cfg, strategy, reach)
     resume = None if not reach else resume_from(cfg.checkpoint, Path(cfg.run_dir), world_size,
                                                  may_move=is_main_process() and not report_only)
     if resume is not None:

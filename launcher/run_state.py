@@ -73,11 +73,12 @@ class RunState:
         """What meta.json holds once the final validation is done (its values, the monitors after it)."""
         return {"val": values(self.last_val or self.stopped_early), "monitors": self.monitors.state_dict()}
 
-    def resumed_note(self, path, meta: dict, restart: int, logged: int | None) -> str:
-        """The line a resume prints: from where, and what changed (a restart, another world size)."""
+    def resumed_note(self, path, meta: dict, restart: int, logged) -> str:
+        """The line a resume prints: from where, and what changed (a restart, another world size).
+        logged(): the last step metrics.jsonl holds, asked only after a resize."""
         saved_world = meta.get("world_size", self.env.world_size)
         if saved_world != self.env.world_size:  # an elastic job lost or gained a node (or a rerun chose so)
-            redone = max(0, (logged or self.step) - self.step)
+            redone = max(0, (logged() or self.step) - self.step)
             return (f"resized: world size {saved_world} -> {self.env.world_size}; resumed from {path} at step "
                     f"{self.step}, {redone} logged step(s) redone")
         return ((f"restart {restart}: the worker group restarted after a failure and " if restart else "")

@@ -290,7 +290,7 @@ class Trainer:
         self.checkpointer.last_saved_step = self.state.step  # that checkpoint is this state
         self.data.restore(self.state.step, meta, path)
         self.run.hook("on_load_checkpoint", self.checkpointer.load_extra(path))
-        logged = last_logged_step(self.run_dir / "metrics.jsonl") if self.env.is_main else None
+        logged = (lambda: last_logged_step(self.run_dir / "metrics.jsonl")) if self.env.is_main else (lambda: None)
         say(self.state.resumed_note(path, meta, int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), logged))
 
 
